@@ -1,0 +1,148 @@
+"""The language decoder (paper section 3.2): LLaMA-2 blocks, truncated to the first N (seed section 5).
+
+Parameter names are Meta's (`tok_embeddings`, `layers.{i}.attention.wq`, `feed_forward.w1`, ...), so a
+LLaMA-2 state dict loads after `truncate` with no renaming.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import LanguageConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Meta normalises in float32 and casts back before the weight; half precision drifts otherwise.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_table(head_dim: int, n_positions: int, theta: float = 10000.0):
+    """cos and sin, each [n_positions, head_dim // 2]: position p turns pair i by p * theta^(-2i/head_dim)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(n_positions).float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x [B, S, H, hd] by position. Meta's layout: the pairs are (x0, x1), (x2, x3), ... of each head.
+
+    cos and sin are [S, hd // 2]. Real arithmetic instead of complex numbers, computed in float32.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # [B, S, H, hd/2, 2]
+    a, b = xf[..., 0], xf[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LanguageConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        """x [B, S, D]; mask additive [B or 1, 1, S, S_keys] (0 or -inf) or boolean (True = may attend).
+
+        `cache`, when given, is a KVCache for this block: it stores this call's keys and values and
+        returns the keys and values to attend to (see sampling.py).
+        """
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, S, self.n_heads, self.head_dim)
+        v = self.wv(x).view(B, S, self.n_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
+        if cache is not None:
+            k, v = cache.update(k, v)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, S, hd]
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: LanguageConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Decoder(nn.Module):
+    """Token embeddings, the kept blocks, the final RMSNorm and the output layer."""
+
+    def __init__(self, config: LanguageConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+
+    def rope(self, start: int, length: int, device):
+        """cos, sin [length, head_dim // 2] for positions start .. start + length - 1."""
+        end, limit = start + length, 2 * self.config.max_seq_len  # Meta's table covers 2 x max_seq_len
+        if end > limit:
+            raise ValueError(
+                f"a sequence of {end} positions is longer than this decoder supports ({limit} = 2 x "
+                "max_seq_len); raise language.max_seq_len in the config"
+            )
+        cos, sin = rope_table(self.config.head_dim, end, self.config.rope_theta)
+        return cos[start:].to(device), sin[start:].to(device)
+
+    def forward(self, x, mask=None, start_pos=0, caches=None, last_only=False):
+        """x: token ids [B, S] or input embeddings [B, S, D]. Returns logits [B, S, V] ([B, V] if last_only)."""
+        h = self.tok_embeddings(x) if x.dim() == 2 else x
+        cos, sin = self.rope(start_pos, h.shape[1], h.device)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, None if caches is None else caches[i])
+        if last_only:
+            h = h[:, -1]
+        return self.output(self.norm(h))
+
+
+def truncate(state_dict: dict, n_layers: int) -> dict:
+    """Keep embeddings, blocks 0 .. n_layers - 1, the final norm and the output layer (seed section 5).
+
+    Works on a Meta-named LLaMA state dict with any number of blocks; later blocks are dropped.
+    """
+    available = {int(k.split(".")[1]) for k in state_dict if k.startswith("layers.")}
+    if n_layers < 1 or n_layers > len(available):
+        raise ValueError(f"cannot keep {n_layers} blocks: the state dict has {len(available)}")
+    kept = {}
+    for key, value in state_dict.items():
+        if key.startswith("layers."):
+            if int(key.split(".")[1]) < n_layers:
+                kept[key] = value
+        elif key.split(".")[0] in ("tok_embeddings", "norm", "output"):
+            kept[key] = value
+    return kept

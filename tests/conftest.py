@@ -1,0 +1,49 @@
+"""Shared fixtures. `pytest --device cuda` runs the device-aware tests on the GPU (skipped without CUDA)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).parent.parent
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="cpu or cuda: where device-aware tests run")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    name = request.config.getoption("--device")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("--device cuda given but CUDA is not available")
+    return name
+
+
+@pytest.fixture(scope="session")
+def cases():
+    return json.loads((FIXTURES / "cases.json").read_text())
+
+
+def fixture_tensors(name):
+    return load_file(FIXTURES / name)
+
+
+def llama_tokenizer_path():
+    """The LLaMA tokenizer is Meta's file and not in the repo: NXTP_LLAMA_TOKENIZER or weights/tokenizer.model."""
+    path = os.environ.get("NXTP_LLAMA_TOKENIZER") or str(REPO / "weights" / "tokenizer.model")
+    return path if os.path.isfile(path) else None
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer():
+    path = llama_tokenizer_path()
+    if path is None:
+        pytest.skip("LLaMA tokenizer not found: set NXTP_LLAMA_TOKENIZER to tokenizer.model (see weights/README.md)")
+    from nxtp_minimal import Tokenizer
+
+    return Tokenizer(path)
