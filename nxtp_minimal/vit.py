@@ -15,7 +15,8 @@ class LayerNorm(nn.LayerNorm):
     """CLIP's LayerNorm: normalise in float32 even when the weights are half precision."""
 
     def forward(self, x):
-        return super().forward(x.float()).type_as(x)
+        w, b = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 class QuickGELU(nn.Module):

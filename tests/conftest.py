@@ -47,3 +47,17 @@ def llama_tokenizer():
     from nxtp_minimal import Tokenizer
 
     return Tokenizer(path)
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory):
+    """A 40-piece SentencePiece model: a tokenizer that does not fit the 32002-row fixture model."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("small_tokenizer")
+    (d / "text.txt").write_text("The objects in the image are dog, cat, apple\n" * 50)
+    spm.SentencePieceTrainer.train(
+        input=str(d / "text.txt"), model_prefix=str(d / "small"), vocab_size=40,
+        user_defined_symbols=[",", "\u2581are"], hard_vocab_limit=False, minloglevel=2,
+    )
+    return str(d / "small.model")
