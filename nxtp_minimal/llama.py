@@ -23,10 +23,15 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_table(head_dim: int, n_positions: int, theta: float = 10000.0):
-    """cos and sin, each [n_positions, head_dim // 2]: position p turns pair i by p * theta^(-2i/head_dim)."""
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
-    angles = torch.outer(torch.arange(n_positions).float(), freqs)
+def rope_table(head_dim: int, positions, theta: float = 10000.0):
+    """cos and sin, each [S, head_dim // 2]: position p turns pair i by p * theta^(-2i/head_dim).
+
+    positions: a count n (positions 0 .. n - 1) or a tensor of positions [S].
+    """
+    if isinstance(positions, int):
+        positions = torch.arange(positions)
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = torch.outer(positions.float(), freqs)
     return angles.cos(), angles.sin()
 
 
@@ -108,21 +113,23 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
 
-    def rope(self, start: int, length: int, device):
-        """cos, sin [length, head_dim // 2] for positions start .. start + length - 1."""
-        end, limit = start + length, 2 * self.config.max_seq_len  # Meta's table covers 2 x max_seq_len
-        if end > limit:
+    def forward(self, x, mask=None, positions=None, caches=None, last_only=False):
+        """x: token ids [B, S] or input embeddings [B, S, D]. Returns logits [B, S, V] ([B, V] if last_only).
+
+        positions [S] are the RoPE positions, 0 .. S - 1 by default. Meta's start_pos, generalised:
+        with a cache, one sampling step feeds the new token of every branch as one row, and all of
+        them sit at the same position (see cache.py).
+        """
+        h = self.tok_embeddings(x) if x.dim() == 2 else x
+        if positions is None:
+            positions = torch.arange(h.shape[1], device=h.device)
+        limit = 2 * self.config.max_seq_len  # Meta's RoPE table covers 2 x max_seq_len positions
+        if int(positions.max()) >= limit:
             raise ValueError(
-                f"a sequence of {end} positions is longer than this decoder supports ({limit} = 2 x "
+                f"position {int(positions.max())} is beyond what this decoder supports ({limit} = 2 x "
                 "max_seq_len); raise language.max_seq_len in the config"
             )
-        cos, sin = rope_table(self.config.head_dim, end, self.config.rope_theta)
-        return cos[start:].to(device), sin[start:].to(device)
-
-    def forward(self, x, mask=None, start_pos=0, caches=None, last_only=False):
-        """x: token ids [B, S] or input embeddings [B, S, D]. Returns logits [B, S, V] ([B, V] if last_only)."""
-        h = self.tok_embeddings(x) if x.dim() == 2 else x
-        cos, sin = self.rope(start_pos, h.shape[1], h.device)
+        cos, sin = rope_table(self.config.head_dim, positions, self.config.rope_theta)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, None if caches is None else caches[i])
         if last_only:

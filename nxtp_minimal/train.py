@@ -1,0 +1,154 @@
+"""Training on synthetic scenes with the official objective (paper section 3.3): `python -m nxtp_minimal train`.
+
+One CPU process by default; under `torchrun` every rank draws its own scene stream and
+DistributedDataParallel averages the gradients (gloo on CPU, nccl on GPU). The run writes the demo
+tokenizer and checkpoints in the NXTP safetensors format into --out-dir, so
+`nxtp_minimal.load(OUT/demo.safetensors, OUT/demo_tokenizer.model)` loads the result.
+"""
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from . import evaluate, scenes
+from .config import LanguageConfig, NXTPConfig, VisionConfig
+from .model import NXTP
+from .tokenizer import Tokenizer
+from .weights import save
+
+# Text after the image tokens: <|image|>, bos, 6 prompt pieces, then up to 4 labels of at most two
+# pieces each with 3 delimiters; eos may be cut off (its target is ignored anyway).
+TEXT_LENGTH = 2 + 6 + 4 * 2 + 3
+
+
+def preset(name: str, vocab_size: int) -> NXTPConfig:
+    """demo: the shipped model (64 px scenes). tiny: seconds per step, for tests and lesson 06."""
+    if name == "demo":
+        vision = VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=2)
+        language = dict(dim=128, n_layers=2, n_heads=4)
+    elif name == "tiny":
+        vision = VisionConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2)
+        language = dict(dim=32, n_layers=1, n_heads=2)
+    else:
+        raise ValueError(f"unknown preset {name!r}: choose demo or tiny")
+    return NXTPConfig(vision, LanguageConfig(
+        **language, multiple_of=32, max_seq_len=vision.n_patches + TEXT_LENGTH, vocab_size=vocab_size))
+
+
+class Objective(nn.Module):
+    """model.loss as a forward pass, so DistributedDataParallel can hook the backward."""
+
+    def __init__(self, model: NXTP):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels, labels):
+        return self.model.loss(pixels, labels)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup to `peak`, then cosine decay to a tenth of it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list:
+    # nanoGPT's rule: decay matrices and embeddings, not norms, biases or the class/positional vectors
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "positional" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "positional" not in n)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def distributed(device: str):
+    """(rank, world size, device) from torchrun's environment; a single process without it."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1, device
+    cuda = device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="python -m nxtp_minimal train",
+                                description="Train NXTP from scratch on synthetic scenes (the demo model).")
+    p.add_argument("--out-dir", default="runs/demo", help="where demo.safetensors and demo_tokenizer.model go")
+    p.add_argument("--preset", default="demo", choices=["demo", "tiny"], help="model size")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=64, help="scenes per step on each rank")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=100, help="warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--seed", type=int, default=0, help="init and label-order seed; rank r draws scene stream seed + r")
+    p.add_argument("--eval-every", type=int, default=500, help="held-out evaluation and checkpoint period (steps)")
+    p.add_argument("--eval-scenes", type=int, default=200, help="held-out scenes per evaluation")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    return p
+
+
+def main(argv=None) -> NXTP:
+    args = parser().parse_args(argv)
+    if min(args.steps, args.batch_size, args.warmup, args.eval_every, args.eval_scenes) < 1:
+        raise ValueError("--steps, --batch-size, --warmup, --eval-every and --eval-scenes must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but this PyTorch has no CUDA device; use --device cpu")
+    rank, world, device = distributed(args.device)
+    if args.seed <= evaluate.HELD_OUT_SEED < args.seed + world:
+        raise ValueError(f"scene stream {evaluate.HELD_OUT_SEED} is the held-out set; choose another --seed")
+    os.makedirs(args.out_dir, exist_ok=True)
+    tokenizer_path = os.path.join(args.out_dir, "demo_tokenizer.model")
+    if rank == 0:
+        scenes.train_tokenizer(tokenizer_path)
+    if world > 1:
+        dist.barrier()  # the other ranks read the tokenizer rank 0 wrote
+    tokenizer = Tokenizer(tokenizer_path)
+
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    model = NXTP(preset(args.preset, tokenizer.n_words), tokenizer).to(device)
+    objective = Objective(model)
+    if world > 1:
+        objective = nn.parallel.DistributedDataParallel(objective)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    data = scenes.batches(args.seed + rank, args.batch_size, model.config.vision.image_size)
+    shuffle = random.Random(args.seed + rank)
+    checkpoint = os.path.join(args.out_dir, "demo.safetensors")
+    if rank == 0:
+        n = sum(p.numel() for p in model.parameters())
+        print(f"{args.preset} model, {n / 1e6:.2f}M parameters, {world} process(es) on {device}", file=sys.stderr)
+
+    bar = tqdm(range(1, args.steps + 1), disable=rank != 0, file=sys.stderr)
+    for step in bar:
+        start = time.perf_counter()
+        pixels, labels = next(data)
+        # the official training shuffles each sample's labels every time it is seen
+        labels = [shuffle.sample(ls, len(ls)) for ls in labels]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step - 1, args.steps, args.warmup, args.lr)
+        loss = objective(pixels.to(device), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{world * args.batch_size / (time.perf_counter() - start):.0f}")
+        if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
+            predicted, reference = evaluate.predict_scenes(model, evaluate.HELD_OUT_SEED, args.eval_scenes)
+            recall = sum(map(evaluate.top_n_recall, predicted, reference)) / len(reference)
+            save(checkpoint, model)
+            bar.write(f"step {step}: loss {loss.item():.4f}, held-out top-N recall {recall:.4f} "
+                      f"({args.eval_scenes} scenes), saved {checkpoint}", file=sys.stderr)
+    if world > 1:
+        dist.destroy_process_group()
+    return model.eval()
