@@ -1,0 +1,161 @@
+"""`python -m nxtp_minimal bench`: the cached sampler against the official recompute-everything loop.
+
+Models are built from random weights at three sizes, so the benchmark needs no download. Both loops
+run on the same inputs for a fixed number of decode steps (no branch is allowed to finish early).
+"""
+
+import argparse
+import json
+import os
+import threading
+import time
+
+import torch
+
+from . import sampling
+from .config import LanguageConfig, NXTPConfig, VisionConfig, released
+from .model import NXTP
+
+PRESETS = {
+    "tiny": lambda: NXTPConfig(
+        VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2),
+        LanguageConfig(dim=32, n_layers=2, n_heads=4, multiple_of=32, max_seq_len=64),
+    ),
+    "small": lambda: NXTPConfig(
+        VisionConfig(image_size=224, patch_size=16, width=256, layers=4, heads=4),
+        LanguageConfig(dim=512, n_layers=4, n_heads=4),
+    ),
+    "full": released,
+}
+PROMPT_IDS = [32000, 1, 450, 3618, 297, 278, 1967, 526]  # LLaMA ids of the official prompt
+NEVER = -1  # a delimiter id no branch can write, so every run decodes exactly --steps steps
+
+
+def build(preset: str, device, dtype) -> NXTP:
+    """A model of the preset's shapes with random N(0, 0.02) weights, allocated once, in place."""
+    with torch.device("meta"):
+        model = NXTP(PRESETS[preset]())
+    model = model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=generator)
+    return model.to(dtype).eval()
+
+
+class PeakMemory:
+    """Peak memory in MB while the block runs: CUDA allocator peak, or the process RSS polled every 5 ms."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self.peak, self.running = 0, True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        while self.running:
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.running = False
+            self.thread.join()
+            self.mb = self.peak / 2**20
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_run(model, pixels, k, steps, fast, device):
+    """(prefix seconds incl. the image encoder, mean seconds per decode step, total seconds)."""
+    sync(device)
+    t0 = time.perf_counter()
+    first, step = model.start_sampling(pixels, k, PROMPT_IDS, fast=fast, max_tokens=steps + 1)
+    sync(device)
+    t1 = time.perf_counter()
+    sampling.one_shot(first, step, k, NEVER, max_tokens=steps + 1)
+    sync(device)
+    t2 = time.perf_counter()
+    return t1 - t0, (t2 - t1) / steps, t2 - t0
+
+
+def run(preset, ks, steps, device="cpu", dtype=torch.float32, reference=True, repeats=1):
+    """One dict per k. For `full` the reference loop runs one step and is extrapolated to `steps`."""
+    model = build(preset, device, dtype)
+    size = model.config.vision.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    timed_run(model, pixels, min(ks), 1, True, device)  # warm-up: kernels, allocator, caches
+    rows = []
+    for k in ks:
+        with PeakMemory(device) as memory:
+            runs = sorted(timed_run(model, pixels, k, steps, True, device) for _ in range(repeats))
+        prefix, step, total = runs[len(runs) // 2]
+        rows.append(dict(preset=preset, k=k, steps=steps, fast_prefix_s=prefix, fast_step_s=step,
+                         fast_s=total, fast_peak_mb=memory.mb, reference_s=None, ratio=None))
+    if reference:
+        extrapolate = preset == "full"  # one official step at k=20 pushes 20 x 265 tokens: ~80 s here
+        for row in rows:
+            prefix, step, total = timed_run(model, pixels, row["k"], 1 if extrapolate else steps, False, device)
+            row.update(reference_prefix_s=prefix, reference_step_s=step,
+                       reference_s=prefix + steps * step if extrapolate else total,
+                       reference_extrapolated=extrapolate)
+            row["ratio"] = row["reference_s"] / row["fast_s"]
+    return rows
+
+
+def table(rows) -> str:
+    head = f"{'preset':>6} {'k':>4} {'steps':>5} | {'prefix s':>9} {'step s':>8} {'total s':>8} {'peak MB':>8} | "
+    head += f"{'ref prefix':>10} {'ref step':>9} {'ref total':>10} | {'ratio':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        line = f"{r['preset']:>6} {r['k']:>4} {r['steps']:>5} | {r['fast_prefix_s']:9.3f} {r['fast_step_s']:8.3f} "
+        line += f"{r['fast_s']:8.3f} {r['fast_peak_mb']:8.0f} | "
+        if r["reference_s"] is None:
+            line += f"{'-':>10} {'-':>9} {'-':>10} | {'-':>6}"
+        else:
+            mark = "*" if r["reference_extrapolated"] else " "
+            line += f"{r['reference_prefix_s']:10.3f} {r['reference_step_s']:9.3f} {r['reference_s']:9.3f}{mark} | "
+            line += f"{r['ratio']:6.1f}"
+        lines.append(line)
+    if any(r.get("reference_extrapolated") for r in rows):
+        lines.append("* reference loop timed for one decode step and extrapolated to all steps")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    from .cli import DTYPES, device_arg
+
+    p = argparse.ArgumentParser(prog="python -m nxtp_minimal bench", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--top-k", type=int, nargs="+", default=[1, 10, 20, 50, 100])
+    p.add_argument("--steps", type=int, default=3, help="decode steps after the first token")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--repeats", type=int, default=1, help="runs of the fast loop per k; the median is kept")
+    p.add_argument("--no-reference", action="store_true", help="time only the cached loop")
+    p.add_argument("--json", action="store_true", help="one JSON object per row instead of the table")
+    args = p.parse_args(argv)
+    if args.steps < 1 or min(args.top_k) < 1 or args.repeats < 1:
+        raise ValueError("--steps, --top-k and --repeats must be at least 1")
+    rows = run(args.preset, args.top_k, args.steps, device_arg(args.device), DTYPES[args.dtype],
+               reference=not args.no_reference, repeats=args.repeats)
+    if args.json:
+        keys = ("preset", "k", "steps", "fast_s", "reference_s", "ratio", "fast_peak_mb")
+        for r in rows:
+            print(json.dumps({key: r[key] for key in keys} | {"device": args.device, "dtype": args.dtype}))
+    else:
+        print(f"device {args.device}, {args.dtype}, peak memory = process RSS (CPU) or CUDA allocator peak")
+        print(table(rows))

@@ -1,0 +1,19 @@
+"""Smoke check of the benchmark command (the timings themselves are reported, not tested)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_bench_tiny_json():
+    out = subprocess.run(
+        [sys.executable, "-m", "nxtp_minimal", "bench", "--preset", "tiny", "--top-k", "1", "5", "--steps", "2", "--json"],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    )
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["preset"], r["k"], r["steps"]) for r in rows] == [("tiny", 1, 2), ("tiny", 5, 2)]
+    for r in rows:
+        assert r["fast_s"] > 0 and r["reference_s"] > 0 and r["fast_peak_mb"] > 0
+        assert r["ratio"] == r["reference_s"] / r["fast_s"]
