@@ -10,6 +10,7 @@ import json
 import sys
 
 import torch
+from tqdm import tqdm
 
 COMMANDS = {
     "predict": "nxtp_minimal.cli",
@@ -59,9 +60,9 @@ def predict(argv) -> None:
     vocab = model.config.language.vocab_size
     if not 1 <= args.top_k <= vocab:
         raise UserError(f"--top-k must be between 1 and the vocabulary size {vocab}, got {args.top_k}")
-    images = [load_image(path) for path in args.images]
+    images = [load_image(path) for path in args.images]  # every path is checked before any work
     results = []
-    for path, image in zip(args.images, images):
+    for path, image in zip(args.images, tqdm(images, disable=len(images) < 2, desc="images")):
         labels = model.predict(image, k=args.top_k)[0]
         results.append({"image": path, "labels": [{"label": lab, "prob": p} for lab, p in labels]})
     if args.json:

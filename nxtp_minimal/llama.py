@@ -1,4 +1,4 @@
-"""The language decoder (paper section 3.2): LLaMA-2 blocks, truncated to the first N (seed section 5).
+"""The language decoder (NXTP step 5): LLaMA-2 blocks, truncated to the first N.
 
 Parameter names are Meta's (`tok_embeddings`, `layers.{i}.attention.wq`, `feed_forward.w1`, ...), so a
 LLaMA-2 state dict loads after `truncate` with no renaming.
@@ -138,7 +138,7 @@ class Decoder(nn.Module):
 
 
 def truncate(state_dict: dict, n_layers: int) -> dict:
-    """Keep embeddings, blocks 0 .. n_layers - 1, the final norm and the output layer (seed section 5).
+    """Keep embeddings, blocks 0 .. n_layers - 1, the final norm and the output layer (NXTP step 5).
 
     Works on a Meta-named LLaMA state dict with any number of blocks; later blocks are dropped.
     """

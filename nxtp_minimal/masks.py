@@ -1,4 +1,4 @@
-"""Attention masks (paper section 3.3). Additive: 0 where a query may attend, -inf where it may not.
+"""Attention masks (NXTP step 3). Additive: 0 where a query may attend, -inf where it may not.
 
 Shapes are [B or 1, 1, S, S] (query rows, key columns), the layout scaled_dot_product_attention takes.
 """

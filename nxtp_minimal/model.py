@@ -1,4 +1,4 @@
-"""NXTP: a CLIP image encoder feeding a truncated LLaMA decoder that writes object labels (paper section 3)."""
+"""NXTP: a CLIP image encoder feeding a truncated LLaMA decoder that writes object labels."""
 
 import os
 
@@ -36,7 +36,7 @@ class NXTP(nn.Module):
             raise ValueError("this model has no tokenizer: load it with tokenizer=PATH (see weights/README.md)")
         return self.tokenizer
 
-    # --- the sequence (sections 3.1-3.2) ---
+    # --- the sequence (NXTP steps 1-2) ---
 
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> [B, P, D]: projected patch tokens; the class token is dropped."""
@@ -52,7 +52,7 @@ class NXTP(nn.Module):
         text = self.language_decoder.tok_embeddings(ids).expand(image.shape[0], -1, -1)
         return torch.cat([image, text], dim=1)
 
-    # --- one-shot sampling (section 3.4) ---
+    # --- one-shot sampling (NXTP step 4) ---
 
     @torch.inference_mode()
     def start_sampling(self, pixels, k: int, prompt_ids: list = None, fast: bool = True, max_tokens=sampling.MAX_TOKENS):
@@ -117,7 +117,7 @@ class NXTP(nn.Module):
         loaded = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
         return torch.stack([preprocess(im, size) for im in loaded])
 
-    # --- training objective (section 3.3) ---
+    # --- training objective (NXTP step 3) ---
 
     def loss(self, pixels: torch.Tensor, labels: list) -> torch.Tensor:
         """The official objective: mean cross-entropy of the text under the non-causal label mask.
@@ -129,6 +129,9 @@ class NXTP(nn.Module):
             raise ValueError(f"{pixels.shape[0]} images but {len(labels)} label lists")
         if any(len(ls) == 0 for ls in labels):
             raise ValueError("every image needs at least one label")
+        for label in (label for ls in labels for label in ls):
+            if not label.strip() or "," in label:
+                raise ValueError(f"label {label!r} is empty or holds the delimiter ','; give one object name per label")
         n_image, max_seq_len = self.config.vision.n_patches, self.config.language.max_seq_len
         tokens, targets = prompt.training_batch(tok, self.config.prompt, labels, n_image, max_seq_len)
         tokens, targets = tokens.to(self.device), targets.to(self.device)

@@ -1,4 +1,4 @@
-"""The token sequence (paper section 3.2): image tokens, `<|image|>`, bos, the prompt, then labels."""
+"""The token sequence (NXTP step 2): image tokens, `<|image|>`, bos, the prompt, then labels."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""One-shot sampling and label ranking (paper section 3.4).
+"""One-shot sampling and label ranking (NXTP step 4).
 
 The answer position's distribution gives the k most likely first tokens; each starts a branch that
 continues greedily until it writes the delimiter. Because the training mask made labels independent,

@@ -1,4 +1,4 @@
-"""Image to tokens (paper section 3.1): OpenAI's CLIP ViT plus NXTP's projection into the decoder.
+"""Image to tokens (NXTP step 1): OpenAI's CLIP ViT plus NXTP's projection into the decoder.
 
 Parameter names are OpenAI CLIP's (`conv1`, `transformer.resblocks.{i}.attn.in_proj_weight`, ...), so
 the visual half of a CLIP checkpoint loads as it is.

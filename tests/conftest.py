@@ -19,8 +19,12 @@ def pytest_addoption(parser):
 @pytest.fixture(scope="session")
 def device(request):
     name = request.config.getoption("--device")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        pytest.skip("--device cuda given but CUDA is not available")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            pytest.skip("--device cuda given but CUDA is not available")
+        # float32 tests mean float32: no TensorFloat-32 shortcuts in matmuls and convolutions
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     return name
 
 

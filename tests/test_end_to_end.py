@@ -80,8 +80,6 @@ def text_model(llama_tokenizer, device):
 @pytest.mark.parametrize("case", SINGLE, ids=case_id)
 def test_predict_labels(text_model, device, case):
     assert text_model.prompt_ids() == case["prompt_token_ids"]
-    if device != "cpu":
-        pytest.skip("covered by test_predict_bfloat16 on the GPU")
     labels = text_model.predict(FIXTURES / case["image"], k=case["k"])[0]
     assert [lab for lab, _ in labels] == case["labels"]
     assert [p for _, p in labels] == pytest.approx(case["probs"], abs=1e-5)

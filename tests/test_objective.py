@@ -35,3 +35,5 @@ def test_loss_rejects_empty_labels(llama_tokenizer):
         model.loss(T["pixels"], [["dog"], []])
     with pytest.raises(ValueError, match="2 images but 1 label lists"):
         model.loss(T["pixels"], [["dog"]])
+    with pytest.raises(ValueError, match="holds the delimiter"):
+        model.loss(T["pixels"], [["dog, cat"], ["cup"]])
