@@ -66,7 +66,7 @@ def cached_sampler(decoder, x, prefix_mask, k, max_tokens):
         for cache in caches:
             cache.slots = branches * T + (t - 1) + B * L
         h = decoder.tok_embeddings(tokens[branches, -1])[None]  # [1, N, D]
-        positions = torch.full((len(branches),), L + t - 1, device=x.device)
+        positions = torch.full((len(branches),), L + t - 1)
         mask = step_mask(B, L, k, T, branches, t, x.device)
         logits = decoder(h, mask, positions, caches)[0]  # [N, V]
         out = logits.new_zeros(B * k, logits.shape[-1])

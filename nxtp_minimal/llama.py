@@ -19,8 +19,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Meta normalises in float32 and casts back before the weight; half precision drifts otherwise.
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_table(head_dim: int, positions, theta: float = 10000.0):
@@ -116,20 +115,21 @@ class Decoder(nn.Module):
     def forward(self, x, mask=None, positions=None, caches=None, last_only=False):
         """x: token ids [B, S] or input embeddings [B, S, D]. Returns logits [B, S, V] ([B, V] if last_only).
 
-        positions [S] are the RoPE positions, 0 .. S - 1 by default. Meta's start_pos, generalised:
+        positions [S] (on the CPU) are the RoPE positions, 0 .. S - 1 by default. Meta's start_pos, generalised:
         with a cache, one sampling step feeds the new token of every branch as one row, and all of
         them sit at the same position (see cache.py).
         """
         h = self.tok_embeddings(x) if x.dim() == 2 else x
-        if positions is None:
-            positions = torch.arange(h.shape[1], device=h.device)
+        positions = torch.arange(h.shape[1]) if positions is None else positions.cpu()
         limit = 2 * self.config.max_seq_len  # Meta's RoPE table covers 2 x max_seq_len positions
         if int(positions.max()) >= limit:
             raise ValueError(
                 f"position {int(positions.max())} is beyond what this decoder supports ({limit} = 2 x "
                 "max_seq_len); raise language.max_seq_len in the config"
             )
+        # a few hundred angles: cheaper on the CPU than as GPU kernels that the check above would wait for
         cos, sin = rope_table(self.config.head_dim, positions, self.config.rope_theta)
+        cos, sin = cos.to(h.device), sin.to(h.device)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, None if caches is None else caches[i])
         if last_only:

@@ -1,7 +1,8 @@
 """Image to tokens (NXTP step 1): OpenAI's CLIP ViT plus NXTP's projection into the decoder.
 
 Parameter names are OpenAI CLIP's (`conv1`, `transformer.resblocks.{i}.attn.in_proj_weight`, ...), so
-the visual half of a CLIP checkpoint loads as it is.
+the visual half of a CLIP checkpoint loads as it is. The LayerNorms are PyTorch's own: its kernels
+already accumulate in float32 for half-precision inputs, which is what CLIP's LayerNorm subclass is for.
 """
 
 import torch
@@ -9,14 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import VisionConfig
-
-
-class LayerNorm(nn.LayerNorm):
-    """CLIP's LayerNorm: normalise in float32 even when the weights are half precision."""
-
-    def forward(self, x):
-        w, b = self.weight.float(), self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 class QuickGELU(nn.Module):
@@ -47,9 +40,9 @@ class Attention(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
-        self.ln_1 = LayerNorm(width)
+        self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
-        self.ln_2 = LayerNorm(width)
+        self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential()
         self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
         self.mlp.add_module("gelu", QuickGELU())
@@ -81,9 +74,9 @@ class VisionEncoder(nn.Module):
         self.conv1 = nn.Conv2d(3, w, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(w))
         self.positional_embedding = nn.Parameter(scale * torch.randn(config.n_patches + 1, w))
-        self.ln_pre = LayerNorm(w)
+        self.ln_pre = nn.LayerNorm(w)
         self.transformer = Transformer(w, config.layers, config.heads)
-        self.ln_post = LayerNorm(w)
+        self.ln_post = nn.LayerNorm(w)
         # NXTP replaces CLIP's [width, 512] class-token projection with a Linear applied to all tokens.
         self.proj = nn.Linear(w, embed_dim, bias=False)
 

@@ -97,17 +97,24 @@ def test_batch_equals_single(text_model, case):
 
 @pytest.mark.parametrize("case", SINGLE, ids=case_id)
 def test_predict_bfloat16(llama_tokenizer, device, case):
-    """bfloat16 keeps ~3 significant digits: labels whose scores are within 0.02 may swap places."""
+    """bfloat16 keeps ~3 significant digits, so labels whose scores are within 0.02 may trade places,
+    and one at the end of the top k may trade places with one just outside it."""
     if device == "cpu":
         pytest.skip("run with pytest --device cuda")
     model = nxtp_minimal.load(TINY, tokenizer=llama_tokenizer, device=device, dtype=torch.bfloat16)
     labels = model.predict(FIXTURES / case["image"], k=case["k"])[0]
-    got = dict(labels)
+    got, official = dict(labels), dict(zip(case["labels"], case["probs"]))
     assert labels[0][0] == case["labels"][0]
-    for i, (label, prob) in enumerate(zip(case["labels"], case["probs"])):
-        assert got[label] == pytest.approx(prob, abs=0.02)
-        if all(abs(prob - other) > 0.02 for j, other in enumerate(case["probs"]) if j != i):
+    for i, (label, prob) in enumerate(official.items()):
+        if all(abs(prob - other) > 0.02 for name, other in official.items() if name != label):
             assert labels[i][0] == label
+        if label in got:
+            assert got[label] == pytest.approx(prob, abs=0.02)
+        else:  # dropped out of the top k: it was within 0.02 of the lowest kept score
+            assert prob <= labels[-1][1] + 0.02
+    for label, prob in got.items():
+        if label not in official:
+            assert prob <= min(official.values()) + 0.02
 
 
 def test_command_line_json(cases):
