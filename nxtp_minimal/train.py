@@ -1,4 +1,4 @@
-"""Training on synthetic scenes with the official objective (paper section 3.3): `python -m nxtp_minimal train`.
+"""Training on synthetic scenes with the official objective (NXTP step 3): `python -m nxtp_minimal train`.
 
 One CPU process by default; under `torchrun` every rank draws its own scene stream and
 DistributedDataParallel averages the gradients (gloo on CPU, nccl on GPU). The run writes the demo
@@ -30,7 +30,7 @@ TEXT_LENGTH = 2 + 6 + 4 * 2 + 3
 
 
 def preset(name: str, vocab_size: int) -> NXTPConfig:
-    """demo: the shipped model (64 px scenes). tiny: seconds per step, for tests and lesson 06."""
+    """demo: the shipped model (64 px scenes). tiny: a fraction of a second per step, for the tests."""
     if name == "demo":
         vision = VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=2)
         language = dict(dim=128, n_layers=2, n_heads=4)
@@ -62,6 +62,20 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
+def train_step(objective, optimizer, pixels, labels, lr: float, clip: float, shuffle: random.Random) -> float:
+    """One AdamW step on the objective at learning rate `lr`; returns the loss."""
+    # the official training shuffles each sample's labels every time it is seen
+    labels = [shuffle.sample(ls, len(ls)) for ls in labels]
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = objective(pixels, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip)
+    optimizer.step()
+    return loss.item()
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list:
     # nanoGPT's rule: decay matrices and embeddings, not norms, biases or the class/positional vectors
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "positional" not in n]
@@ -86,14 +100,14 @@ def parser():
                                 description="Train NXTP from scratch on synthetic scenes (the demo model).")
     p.add_argument("--out-dir", default="runs/demo", help="where demo.safetensors and demo_tokenizer.model go")
     p.add_argument("--preset", default="demo", choices=["demo", "tiny"], help="model size")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=2200)
     p.add_argument("--batch-size", type=int, default=64, help="scenes per step on each rank")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=100, help="warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--seed", type=int, default=0, help="init and label-order seed; rank r draws scene stream seed + r")
-    p.add_argument("--eval-every", type=int, default=500, help="held-out evaluation and checkpoint period (steps)")
+    p.add_argument("--eval-every", type=int, default=550, help="held-out evaluation and checkpoint period (steps)")
     p.add_argument("--eval-scenes", type=int, default=200, help="held-out scenes per evaluation")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     return p
@@ -133,21 +147,14 @@ def main(argv=None) -> NXTP:
     for step in bar:
         start = time.perf_counter()
         pixels, labels = next(data)
-        # the official training shuffles each sample's labels every time it is seen
-        labels = [shuffle.sample(ls, len(ls)) for ls in labels]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step - 1, args.steps, args.warmup, args.lr)
-        loss = objective(pixels.to(device), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{world * args.batch_size / (time.perf_counter() - start):.0f}")
+        lr = lr_at(step - 1, args.steps, args.warmup, args.lr)
+        loss = train_step(objective, optimizer, pixels.to(device), labels, lr, args.clip, shuffle)
+        bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{world * args.batch_size / (time.perf_counter() - start):.0f}")
         if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
             predicted, reference = evaluate.predict_scenes(model, evaluate.HELD_OUT_SEED, args.eval_scenes)
             recall = sum(map(evaluate.top_n_recall, predicted, reference)) / len(reference)
             save(checkpoint, model)
-            bar.write(f"step {step}: loss {loss.item():.4f}, held-out top-N recall {recall:.4f} "
+            bar.write(f"step {step}: loss {loss:.4f}, held-out top-N recall {recall:.4f} "
                       f"({args.eval_scenes} scenes), saved {checkpoint}", file=sys.stderr)
     if world > 1:
         dist.destroy_process_group()
