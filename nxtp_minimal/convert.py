@@ -467,7 +467,7 @@ def convert_nxtp(checkpoint, clip, out, dtype=torch.float16, vision_heads=None, 
 def convert_llama(
     llama, clip, out, layers=6, dtype=torch.float16, vision_heads=None, llama_heads=None, max_seq_len=512, seed=0
 ):
-    """An untrained NXTP: LLaMA cut to `layers` blocks (seed section 5) + CLIP + new rows and projection."""
+    """An untrained NXTP: LLaMA cut to `layers` blocks (NXTP step 5) + CLIP + new rows and projection."""
     source, language = read_llama(llama, llama_heads)
     available = _blocks(source)
     if not 1 <= layers <= available:
