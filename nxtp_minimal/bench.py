@@ -136,7 +136,7 @@ def table(rows) -> str:
 
 
 def main(argv=None) -> None:
-    from .cli import DTYPES, device_arg
+    from .errors import DTYPES, check_device
 
     p = argparse.ArgumentParser(prog="python -m nxtp_minimal bench", description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -150,7 +150,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.steps < 1 or min(args.top_k) < 1 or args.repeats < 1:
         raise ValueError("--steps, --top-k and --repeats must be at least 1")
-    rows = run(args.preset, args.top_k, args.steps, device_arg(args.device), DTYPES[args.dtype],
+    rows = run(args.preset, args.top_k, args.steps, check_device(args.device), DTYPES[args.dtype],
                reference=not args.no_reference, repeats=args.repeats)
     if args.json:
         keys = ("preset", "k", "steps", "fast_s", "reference_s", "ratio", "fast_peak_mb")

@@ -23,7 +23,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from .cli import DTYPES, UserError
+from .errors import DTYPES, UserError
 from .config import LanguageConfig, NXTPConfig, VisionConfig
 from .llama import truncate
 from .model import NXTP

@@ -123,7 +123,7 @@ def parser():
 
 def main(argv=None) -> None:
     from . import weights
-    from .cli import UserError
+    from .errors import UserError
 
     args = parser().parse_args(argv)
     if args.scenes < 1 or args.top_k < 1:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import evaluate, scenes
 from .config import LanguageConfig, NXTPConfig, VisionConfig
+from .errors import check_device
 from .model import NXTP
 from .tokenizer import Tokenizer
 from .weights import save
@@ -117,9 +118,7 @@ def main(argv=None) -> NXTP:
     args = parser().parse_args(argv)
     if min(args.steps, args.batch_size, args.warmup, args.eval_every, args.eval_scenes) < 1:
         raise ValueError("--steps, --batch-size, --warmup, --eval-every and --eval-scenes must be at least 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but this PyTorch has no CUDA device; use --device cpu")
-    rank, world, device = distributed(args.device)
+    rank, world, device = distributed(check_device(args.device))
     if args.seed <= evaluate.HELD_OUT_SEED < args.seed + world:
         raise ValueError(f"scene stream {evaluate.HELD_OUT_SEED} is the held-out set; choose another --seed")
     os.makedirs(args.out_dir, exist_ok=True)

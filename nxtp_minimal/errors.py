@@ -1,0 +1,19 @@
+"""Mistakes in what a user gave us, and the checks that find them early with a clear message.
+
+The command line prints a `UserError` as one line on stderr and exits 1, without a traceback.
+"""
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported in one line, no traceback."""
+
+
+def check_device(name: str) -> str:
+    """`name` if PyTorch can use it; a UserError that says what to use instead otherwise."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but this PyTorch has no CUDA device; use --device cpu")
+    return name
