@@ -1,7 +1,8 @@
 """`python -m nxtp_minimal bench`: the cached sampler against the official recompute-everything loop.
 
-Models are built from random weights at three sizes, so the benchmark needs no download. Both loops
-run on the same inputs for a fixed number of decode steps (no branch is allowed to finish early).
+Models are built from random weights at three sizes, or are the demo model shipped in weights/, so the
+benchmark needs no download. Both loops run on the same inputs, B images at a time, for a fixed number
+of decode steps (no branch is allowed to finish early).
 """
 
 import argparse
@@ -15,6 +16,7 @@ import torch
 from . import sampling
 from .config import LanguageConfig, NXTPConfig, VisionConfig, released
 from .model import NXTP
+from .weights import load_demo
 
 PRESETS = {
     "tiny": lambda: NXTPConfig(
@@ -26,6 +28,7 @@ PRESETS = {
         LanguageConfig(dim=512, n_layers=4, n_heads=4),
     ),
     "full": released,
+    "demo": None,  # the shipped weights
 }
 PROMPT_IDS = [32000, 1, 450, 3618, 297, 278, 1967, 526]  # LLaMA ids of the official prompt
 NEVER = -1  # a delimiter id no branch can write, so every run decodes exactly --steps steps
@@ -33,6 +36,8 @@ NEVER = -1  # a delimiter id no branch can write, so every run decodes exactly -
 
 def build(preset: str, device, dtype) -> NXTP:
     """A model of the preset's shapes with random N(0, 0.02) weights, allocated once, in place."""
+    if preset == "demo":
+        return load_demo(device, dtype)
     with torch.device("meta"):
         model = NXTP(PRESETS[preset]())
     model = model.to_empty(device=device)
@@ -79,11 +84,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed_run(model, pixels, k, steps, fast, device):
+def timed_run(model, pixels, k, steps, fast, device, prompt_ids):
     """(prefix seconds incl. the image encoder, mean seconds per decode step, total seconds)."""
     sync(device)
     t0 = time.perf_counter()
-    first, step = model.start_sampling(pixels, k, PROMPT_IDS, fast=fast, max_tokens=steps + 1)
+    first, step = model.start_sampling(pixels, k, prompt_ids, fast=fast, max_tokens=steps + 1)
     sync(device)
     t1 = time.perf_counter()
     sampling.one_shot(first, step, k, NEVER, max_tokens=steps + 1)
@@ -92,23 +97,29 @@ def timed_run(model, pixels, k, steps, fast, device):
     return t1 - t0, (t2 - t1) / steps, t2 - t0
 
 
-def run(preset, ks, steps, device="cpu", dtype=torch.float32, reference=True, repeats=1):
-    """One dict per k. For `full` the reference loop runs one step and is extrapolated to `steps`."""
+def run(preset, ks, steps, device="cpu", dtype=torch.float32, reference=True, repeats=1, batches=(1,)):
+    """One dict per (batch, k). For `full` the reference loop runs one step and is extrapolated to `steps`."""
     model = build(preset, device, dtype)
+    prompt_ids = model.prompt_ids() if model.tokenizer is not None else PROMPT_IDS
     size = model.config.vision.image_size
-    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    timed_run(model, pixels, min(ks), 1, True, device)  # warm-up: kernels, allocator, caches
+    images = torch.randn(max(batches), 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    timed_run(model, images[:1], min(ks), 1, True, device, prompt_ids)  # warm-up: kernels, allocator, caches
     rows = []
-    for k in ks:
-        with PeakMemory(device) as memory:
-            runs = sorted(timed_run(model, pixels, k, steps, True, device) for _ in range(repeats))
-        prefix, step, total = runs[len(runs) // 2]
-        rows.append(dict(preset=preset, k=k, steps=steps, fast_prefix_s=prefix, fast_step_s=step,
-                         fast_s=total, fast_peak_mb=memory.mb, reference_s=None, ratio=None))
+    for batch in batches:
+        pixels = images[:batch]
+        for k in ks:
+            with PeakMemory(device) as memory:
+                runs = sorted(timed_run(model, pixels, k, steps, True, device, prompt_ids) for _ in range(repeats))
+            prefix, step, total = runs[len(runs) // 2]
+            rows.append(dict(preset=preset, batch=batch, k=k, steps=steps, fast_prefix_s=prefix, fast_step_s=step,
+                             fast_s=total, images_per_s=batch / total, fast_peak_mb=memory.mb, reference_s=None,
+                             ratio=None))
     if reference:
         extrapolate = preset == "full"  # one official step at k=20 pushes 20 x 265 tokens: ~80 s here
         for row in rows:
-            prefix, step, total = timed_run(model, pixels, row["k"], 1 if extrapolate else steps, False, device)
+            pixels = images[: row["batch"]]
+            prefix, step, total = timed_run(model, pixels, row["k"], 1 if extrapolate else steps, False, device,
+                                            prompt_ids)
             row.update(reference_prefix_s=prefix, reference_step_s=step,
                        reference_s=prefix + steps * step if extrapolate else total,
                        reference_extrapolated=extrapolate)
@@ -117,12 +128,13 @@ def run(preset, ks, steps, device="cpu", dtype=torch.float32, reference=True, re
 
 
 def table(rows) -> str:
-    head = f"{'preset':>6} {'k':>4} {'steps':>5} | {'prefix s':>9} {'step s':>8} {'total s':>8} {'peak MB':>8} | "
+    head = f"{'preset':>6} {'batch':>5} {'k':>4} {'steps':>5} | {'prefix s':>9} {'step s':>8} {'total s':>8} "
+    head += f"{'images/s':>9} {'peak MB':>8} | "
     head += f"{'ref prefix':>10} {'ref step':>9} {'ref total':>10} | {'ratio':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        line = f"{r['preset']:>6} {r['k']:>4} {r['steps']:>5} | {r['fast_prefix_s']:9.3f} {r['fast_step_s']:8.3f} "
-        line += f"{r['fast_s']:8.3f} {r['fast_peak_mb']:8.0f} | "
+        line = f"{r['preset']:>6} {r['batch']:>5} {r['k']:>4} {r['steps']:>5} | {r['fast_prefix_s']:9.3f} "
+        line += f"{r['fast_step_s']:8.3f} {r['fast_s']:8.3f} {r['images_per_s']:9.1f} {r['fast_peak_mb']:8.0f} | "
         if r["reference_s"] is None:
             line += f"{'-':>10} {'-':>9} {'-':>10} | {'-':>6}"
         else:
@@ -141,6 +153,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m nxtp_minimal bench", description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
     p.add_argument("--top-k", type=int, nargs="+", default=[1, 10, 20, 50, 100])
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="images per call (one row per batch and k)")
     p.add_argument("--steps", type=int, default=3, help="decode steps after the first token")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -148,12 +161,12 @@ def main(argv=None) -> None:
     p.add_argument("--no-reference", action="store_true", help="time only the cached loop")
     p.add_argument("--json", action="store_true", help="one JSON object per row instead of the table")
     args = p.parse_args(argv)
-    if args.steps < 1 or min(args.top_k) < 1 or args.repeats < 1:
-        raise ValueError("--steps, --top-k and --repeats must be at least 1")
+    if args.steps < 1 or min(args.top_k) < 1 or args.repeats < 1 or min(args.batch) < 1:
+        raise ValueError("--steps, --top-k, --batch and --repeats must be at least 1")
     rows = run(args.preset, args.top_k, args.steps, check_device(args.device), DTYPES[args.dtype],
-               reference=not args.no_reference, repeats=args.repeats)
+               reference=not args.no_reference, repeats=args.repeats, batches=args.batch)
     if args.json:
-        keys = ("preset", "k", "steps", "fast_s", "reference_s", "ratio", "fast_peak_mb")
+        keys = ("preset", "batch", "k", "steps", "fast_s", "images_per_s", "reference_s", "ratio", "fast_peak_mb")
         for r in rows:
             print(json.dumps({key: r[key] for key in keys} | {"device": args.device, "dtype": args.dtype}))
     else:

@@ -1,76 +1,115 @@
-"""Key/value cache for one-shot sampling: the shared prefix runs once, each step feeds only new tokens.
+"""Key/value cache for one-shot sampling: the prefix runs once, each step feeds only the newest tokens.
 
 The official loop re-runs image tokens + prompt + every sampled token for every branch at every step.
-Here the prefix of each image leaves its keys and values once, and the k branches of that image all
-attend to that one copy. Per block the keys are laid out as one row,
+Here each image's prefix leaves its keys and values once, and that image's k branches all attend to
+that one copy. Per decoder block and per image, the keys are laid out as one row,
 
-    [ prefix of image 0 | ... | prefix of image B-1 | branch slots: B * k branches x T steps ]
+    [ prefix (L columns) | branch 0: T slots | branch 1: T slots | ... | branch k-1: T slots ]
 
-and a boolean mask lets the new token of branch (b, i) see the prefix of image b plus the slots of
-branch (b, i) written so far. All live branches go through the decoder together as one sequence of
-new tokens, so a step costs k tokens, not k x (prefix + t) tokens.
+so the cache is [B, H, L + k * T, hd] and a step of B images costs B times a step of one. At decode
+step t the newest token of each live branch goes in (m <= k rows per image, all at RoPE position
+L + t - 1, where the official loop puts it too), writes its key and value into its branch's slot t - 1,
+and attends to the prefix plus its own first t slots: exactly the keys the official loop recomputes.
+
+The bookkeeping (`plan_step`, `CachedSampler`) does not know what runs the decoder: `torch_sampler`
+plugs in this package's PyTorch decoder, and the ONNX runner plugs in its exported graphs.
 """
 
 import torch
 
 
-class BranchCache:
-    """Keys and values of one decoder block: B prefixes of length L, then B * k branches x T slots."""
+class KVCache:
+    """Keys and values of one decoder block for B images: [B, H, L + k * T, hd] each."""
 
     def __init__(self, B, L, k, T, n_heads, head_dim, device, dtype):
-        self.B, self.L, self.T = B, L, T
-        shape = (1, n_heads, B * L + B * k * T, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.slots = None  # where the next step's keys go; None: the next call is the prefix
+        self.L = L
+        self.keys = torch.zeros(B, n_heads, L + k * T, head_dim, device=device, dtype=dtype)
+        self.values = torch.zeros_like(self.keys)
 
-    def update(self, k, v):
-        """Store this call's keys and values [B or 1, H, S, hd]; return what the queries attend to."""
-        if self.slots is None:  # prefix pass: images attend within themselves as usual
-            H, hd = k.shape[1], k.shape[-1]
-            self.keys[0, :, : self.B * self.L] = k.transpose(0, 1).reshape(H, -1, hd)
-            self.values[0, :, : self.B * self.L] = v.transpose(0, 1).reshape(H, -1, hd)
-            return k, v
-        self.keys[0, :, self.slots] = k[0]
-        self.values[0, :, self.slots] = v[0]
+    def prefill(self, k, v):
+        """Store the prefix's keys and values [B, H, L, hd]; the prefix attends only to itself."""
+        self.keys[:, :, : self.L] = k
+        self.values[:, :, : self.L] = v
+        return k, v
+
+    def append(self, k, v, columns):
+        """Store new keys and values [B, H, m, hd] at `columns` [B, m]; the new queries see the whole row."""
+        index = columns[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        self.keys.scatter_(2, index, k)
+        self.values.scatter_(2, index, v)
         return self.keys, self.values
 
 
-def step_mask(B, L, k, T, branches, t, device):
-    """[1, 1, N, B*L + B*k*T] bool: branch n sees its image's prefix and its own first t slots."""
-    image = branches // k  # [N]
-    prefix = torch.arange(B * L, device=device) // L  # image of each prefix column
-    allowed_prefix = prefix[None, :] == image[:, None]  # [N, B*L]
-    slot = torch.arange(B * k * T, device=device)
-    allowed_branch = (slot[None, :] // T == branches[:, None]) & (slot[None, :] % T < t)  # [N, B*k*T]
-    return torch.cat([allowed_prefix, allowed_branch], dim=1)[None, None]
+def plan_step(live, t: int, L: int, T: int):
+    """Which branches decode step t feeds, where their keys go, and what they may see.
 
-
-def cached_sampler(decoder, x, prefix_mask, k, max_tokens):
-    """Run the prefix x [B, L, D] once and return (first-step logits [B, V], step function).
-
-    The step function has `sampling.one_shot`'s signature: it embeds the newest token of every live
-    branch, decodes them as one sequence against the cache and returns logits for all B * k branches
-    (zeros for finished ones, which one_shot ignores).
+    live [B, k] bool; t = tokens each branch holds, so the newest is branch token t - 1.
+    Returns rows [B, m]: the branch of each fed row, live branches first, m = the most live branches of
+    any image (an image with fewer fills its last rows with finished branches, whose output is dropped);
+    columns [B, m]: the cache column of each fed token; mask [B, 1, m, L + k * T] bool: the prefix and
+    the branch's own first t slots.
     """
-    B, L, _ = x.shape
-    T = max_tokens - 1  # the first token comes from the prefix; later ones are fed back one per step
-    c = decoder.config
-    caches = [BranchCache(B, L, k, T, c.n_heads, c.head_dim, x.device, x.dtype) for _ in decoder.layers]
-    first = decoder(x, prefix_mask, caches=caches, last_only=True)  # [B, V]
+    B, k = live.shape
+    m = int(live.sum(dim=1).max())
+    rows = torch.argsort(live.to(torch.int8), dim=1, descending=True, stable=True)[:, :m]
+    columns = L + rows * T + (t - 1)
+    slot = torch.arange(k * T, device=live.device)
+    own = (slot // T == rows[:, :, None]) & (slot % T < t)  # [B, m, k * T]
+    mask = torch.cat([own.new_ones(B, m, L), own], dim=2)[:, None]
+    return rows, columns, mask
+
+
+class CachedSampler:
+    """First-step logits and a `step` function for `sampling.one_shot`, over any decoder engine.
+
+    prefill() runs the prefix and returns the logits at its last position [B, V].
+    append(tokens [B, m], position, mask, columns) feeds one token per row at RoPE position `position`
+    and returns their logits [B, m, V] (see `plan_step` for mask and columns).
+    """
+
+    def __init__(self, B, L, k, T, prefill, append):
+        self.B, self.L, self.k, self.T, self.append = B, L, k, T, append
+        self.first = prefill()
 
     @torch.inference_mode()
-    def step(tokens, live):
-        t = tokens.shape[1]  # the newest token is branch token t - 1, at position L + t - 1
-        branches = live.nonzero()[:, 0]  # [N], finished branches leave the batch
-        for cache in caches:
-            cache.slots = branches * T + (t - 1) + B * L
-        h = decoder.tok_embeddings(tokens[branches, -1])[None]  # [1, N, D]
-        positions = torch.full((len(branches),), L + t - 1)
-        mask = step_mask(B, L, k, T, branches, t, x.device)
-        logits = decoder(h, mask, positions, caches)[0]  # [N, V]
-        out = logits.new_zeros(B * k, logits.shape[-1])
-        out[branches] = logits
-        return out
+    def step(self, tokens, live):
+        """tokens [B * k, t] sampled so far, live [B * k] -> next-token logits [B * k, V].
 
-    return first, step
+        Rows of finished branches hold whatever was computed for them last, which one_shot ignores.
+        """
+        B, k, t = self.B, self.k, tokens.shape[1]
+        rows, columns, mask = plan_step(live.view(B, k), t, self.L, self.T)
+        newest = tokens.view(B, k, t)[:, :, -1].gather(1, rows)  # [B, m]
+        logits = self.append(newest, self.L + t - 1, mask, columns)  # [B, m, V]
+        out = logits.new_zeros(B, k, logits.shape[-1])
+        out.scatter_(1, rows[:, :, None].expand_as(logits), logits)
+        return out.view(B * k, -1)
+
+
+def torch_sampler(decoder, x, prefix_mask, k: int, T: int, n_image: int = 0) -> CachedSampler:
+    """A CachedSampler running `decoder` on the prefix embeddings x [B, L, D].
+
+    T: decode steps at most. n_image > 0 also keeps, in `sampler.attention` [B, k, T, blocks, H, n_image],
+    how much each fed token attends to each image patch (slot s: branch token s, fed at step s + 1).
+    """
+    B, L, _ = x.shape
+    c = decoder.config
+    cache = [KVCache(B, L, k, T, c.n_heads, c.head_dim, x.device, x.dtype) for _ in decoder.layers]
+    attention = x.new_zeros(B, k, T, len(cache), c.n_heads, n_image, dtype=torch.float32) if n_image else None
+
+    def prefill():
+        return decoder(x, prefix_mask, cache=cache, last_only=True)
+
+    def append(tokens, position, mask, columns):
+        record = [] if n_image else None
+        logits = decoder(tokens, mask, torch.full((tokens.shape[1],), position), cache, columns, record=record)
+        if n_image:
+            branch, slot = (columns - L) // T, (columns - L) % T  # [B, m]
+            image = torch.arange(B, device=x.device)[:, None]
+            # [blocks, B, H, m, n_image] -> [B, m, blocks, H, n_image]
+            attention[image, branch, slot] = torch.stack(record)[..., :n_image].permute(1, 3, 0, 2, 4)
+        return logits
+
+    sampler = CachedSampler(B, L, k, T, prefill, append)
+    sampler.attention = attention
+    return sampler

@@ -15,6 +15,7 @@ COMMANDS = {
     "train": "nxtp_minimal.train",
     "evaluate": "nxtp_minimal.evaluate",
     "bench": "nxtp_minimal.bench",
+    "ablate": "nxtp_minimal.ablations",
 }
 
 

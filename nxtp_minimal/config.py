@@ -4,7 +4,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 SPECIAL_TOKENS = ("<|image|>", "<|empty|>")
-PROMPT = "The objects in the image are"
+# The object prompts of the official prompt augmentation (kaiyuyue/nxtp src/encoding.py,
+# construct_text_inputs); inference always uses the first.
+PROMPTS = (
+    "The objects in the image are",
+    "The items present in the picture are",
+    "The elements depicted in the image are",
+    "The objects shown in the photograph are",
+    "The items visible in the image are",
+    "The objects that appear in the picture are",
+    "The elements featured in the image are",
+    "The items captured in the photograph are",
+    "The elements seen in the picture are",
+    "The items represented in the image are",
+)
+PROMPT = PROMPTS[0]
 
 
 @dataclass

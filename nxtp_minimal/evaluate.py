@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -62,6 +63,46 @@ def predict_scenes(model, seed: int, n: int, k: int = 5, batch_size: int = 50):
             predicted.append([label.strip() for label, _ in ranked if label.strip()])
         reference += [labels for _, labels in items]
     return predicted, reference
+
+
+def duplicates(labels: list, n: int) -> int:
+    """How many of the first n labels of a decoded list repeat an earlier one."""
+    return len(labels[:n]) - len(set(labels[:n]))
+
+
+@torch.inference_mode()
+def decoded_scenes(model, seed: int, n: int, method: str = "greedy", k: int = 1, batch_size: int = 50):
+    """Label lists decoded as one sentence (`model.decode_list`) and reference lists, scenes 0 .. n - 1."""
+    data = scenes.Scenes(seed, n, model.config.vision.image_size)
+    decoded, reference = [], []
+    for start in range(0, n, batch_size):
+        items = [data[i] for i in range(start, min(start + batch_size, n))]
+        decoded += model.decode_list(torch.stack([p for p, _ in items]), method, k)
+        reference += [labels for _, labels in items]
+    return decoded, reference
+
+
+def seconds_per_image(model, seed: int = HELD_OUT_SEED, n: int = 100, k: int = 10) -> float:
+    """Mean wall time of one-shot sampling for one image at a time (preprocessed), top-k."""
+    data = scenes.Scenes(seed, n, model.config.vision.image_size)
+    pixels = [data[i][0][None] for i in range(n)]
+    model.predict(pixels[0], k=k)  # warm-up
+    start = time.perf_counter()
+    for p in pixels:
+        model.predict(p, k=k)
+    return (time.perf_counter() - start) / n
+
+
+def ablation_row(model, n: int = 500, seed: int = HELD_OUT_SEED) -> dict:
+    """What lessons 10 and 11 compare, on held-out scenes: one-shot top-N recall, repeated labels among
+    the first N of a greedily decoded list (N = objects drawn), and seconds per image."""
+    predicted, reference = predict_scenes(model, seed, n)
+    greedy, _ = decoded_scenes(model, seed, n)
+    return {
+        "top_n_recall": sum(map(top_n_recall, predicted, reference)) / n,
+        "duplicates_per_image": sum(duplicates(g, len(r)) for g, r in zip(greedy, reference)) / n,
+        "seconds_per_image": seconds_per_image(model, seed),
+    }
 
 
 def load_encoder():

@@ -55,11 +55,12 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.dim, bias=False)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, columns=None, record=None):
         """x [B, S, D]; mask additive [B or 1, 1, S, S_keys] (0 or -inf) or boolean (True = may attend).
 
-        `cache`, when given, is a KVCache for this block: it stores this call's keys and values and
-        returns the keys and values to attend to (see sampling.py).
+        cache: this block's `cache.KVCache`. Without `columns` this call is the prefix and fills it; with
+        columns [B, S] the new keys and values go to those cache columns, and the queries attend to the
+        whole cache. record: a list that receives this block's attention probabilities [B, H, S, S_keys].
         """
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
@@ -68,10 +69,18 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
         if cache is not None:
-            k, v = cache.update(k, v)
+            k, v = cache.prefill(k, v) if columns is None else cache.append(k, v, columns)
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, S, hd]
+        if record is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, S, hd]
+        else:  # the same attention written out, to keep the probabilities
+            scores = q @ k.transpose(-2, -1) / self.head_dim**0.5  # [B, H, S, S_keys]
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            probs = scores.float().softmax(dim=-1)
+            record.append(probs)
+            out = probs.type_as(v) @ v
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -96,8 +105,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.hidden_dim)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask=None, cache=None, columns=None, record=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, columns, record)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -112,12 +121,13 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
 
-    def forward(self, x, mask=None, positions=None, caches=None, last_only=False):
+    def forward(self, x, mask=None, positions=None, cache=None, columns=None, last_only=False, record=None):
         """x: token ids [B, S] or input embeddings [B, S, D]. Returns logits [B, S, V] ([B, V] if last_only).
 
-        positions [S] (on the CPU) are the RoPE positions, 0 .. S - 1 by default. Meta's start_pos, generalised:
-        with a cache, one sampling step feeds the new token of every branch as one row, and all of
-        them sit at the same position (see cache.py).
+        positions [S] (on the CPU) are the RoPE positions, 0 .. S - 1 by default: Meta's start_pos,
+        generalised, because one sampling step feeds the newest token of every branch side by side, all
+        at the same position. cache and columns: see `Attention.forward` and cache.py. record: a list
+        that receives every block's attention probabilities, first block first.
         """
         h = self.tok_embeddings(x) if x.dim() == 2 else x
         positions = torch.arange(h.shape[1]) if positions is None else positions.cpu()
@@ -131,7 +141,7 @@ class Decoder(nn.Module):
         cos, sin = rope_table(self.config.head_dim, positions, self.config.rope_theta)
         cos, sin = cos.to(h.device), sin.to(h.device)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, None if caches is None else caches[i])
+            h = layer(h, cos, sin, mask, None if cache is None else cache[i], columns, record)
         if last_only:
             h = h[:, -1]
         return self.output(self.norm(h))

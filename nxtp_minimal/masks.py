@@ -27,20 +27,24 @@ def prefix_mask(S: int, n_image: int) -> torch.Tensor:
 
 
 def label_mask(input_tokens: torch.Tensor, n_image: int, answer_id: int, delimiter_id: int) -> torch.Tensor:
-    """Training mask: every label is predicted from the image and prompt alone, not from other labels.
+    """Training mask: a label's tokens see the image, the prompt and their own label's earlier tokens.
 
     input_tokens [B, S]: -1 at image positions, then the text ids. Starting from `prefix_mask`, every
     column after the answer position is closed, then the causal triangle is re-opened inside each
     label segment: answer position .. first delimiter, token after a delimiter .. next delimiter.
-    Official quirk, kept: tokens after the last delimiter (last label, eos, padding) stay closed,
-    so they see only positions up to the answer, not even themselves.
+    A delimiter ends its segment, so the delimiter's row, which predicts the next label's first token,
+    sees the label before it.
+    Two official quirks, kept because the released models were trained with them (kaiyuyue/nxtp
+    src/models/lang.py, Transformer.forward): the answer position is read from the batch's last row and
+    used for every row; and tokens after the last delimiter (last label, eos, padding) stay closed, so
+    they see only positions up to the answer, not even themselves.
     """
     B, S = input_tokens.shape
     allowed = _causal(S).repeat(B, 1, 1)
     allowed[:, :n_image, :n_image] = True
+    answer = int((input_tokens[-1] == answer_id).nonzero()[0, 0])
+    allowed[:, :, answer + 1 :] = False
     for b in range(B):
-        answer = int((input_tokens[b] == answer_id).nonzero()[0, 0])
-        allowed[b, :, answer + 1 :] = False
         start = answer
         for d in (input_tokens[b] == delimiter_id).nonzero()[:, 0].tolist():
             allowed[b, start : d + 1, start : d + 1] = _causal(d + 1 - start)

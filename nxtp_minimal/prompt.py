@@ -24,9 +24,10 @@ def training_ids(tokenizer: Tokenizer, prompt: str, labels: list, length: int) -
     return _swap_image_and_bos(tokenizer.encode(text, bos=True, eos=True)[:length])
 
 
-def training_batch(tokenizer: Tokenizer, prompt: str, label_lists: list, n_image: int, max_seq_len: int):
+def training_batch(tokenizer: Tokenizer, prompt, label_lists: list, n_image: int, max_seq_len: int):
     """Text ids and targets for a batch, laid out like the official `construct_text_inputs`.
 
+    prompt: the prompt of every row, or a list with one prompt per row.
     Returns tokens [B, max_seq_len - n_image] padded with -1, and targets [B, max_seq_len] aligned with
     the decoder input (image tokens, then text): position n_image + i holds text token i for i >= 1,
     so everything from bos on is trained, except eos; image positions, `<|image|>` and padding are -1.
@@ -36,9 +37,10 @@ def training_batch(tokenizer: Tokenizer, prompt: str, label_lists: list, n_image
     if length < 3:
         raise ValueError(f"max_seq_len {max_seq_len} leaves no room for text after {n_image} image tokens")
     pad = tokenizer.pad_id
+    prompts = [prompt] * len(label_lists) if isinstance(prompt, str) else prompt
     tokens = torch.full((len(label_lists), length), pad, dtype=torch.long)
-    for b, labels in enumerate(label_lists):
-        ids = training_ids(tokenizer, prompt, labels, length)
+    for b, (row_prompt, labels) in enumerate(zip(prompts, label_lists)):
+        ids = training_ids(tokenizer, row_prompt, labels, length)
         tokens[b, : len(ids)] = torch.tensor(ids)
     targets = torch.full((len(label_lists), max_seq_len), pad, dtype=torch.long)
     targets[:, n_image + 1 :] = tokens[:, 1:]

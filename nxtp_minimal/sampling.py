@@ -1,8 +1,10 @@
-"""One-shot sampling and label ranking (NXTP step 4).
+"""One-shot sampling and label ranking (NXTP step 4), and the decoders it is compared with.
 
 The answer position's distribution gives the k most likely first tokens; each starts a branch that
-continues greedily until it writes the delimiter. Because the training mask made labels independent,
-the k branches are k labels, not k orderings of the same labels.
+continues greedily until it writes the delimiter. Training taught the answer position to predict the
+first label of a shuffled list, so its distribution spreads over all the labels of the image, and
+the k branches are k labels, not k orderings of the same labels. Greedy and beam search decode the
+whole list as one sentence instead (`greedy`, `beam`), the way a plain language model would.
 """
 
 import math
@@ -39,8 +41,9 @@ def branch_labels(tokens, probs, delimiter_id: int) -> list:
     """Per branch: (label ids up to and including its first delimiter, product of their probabilities).
 
     tokens, probs [k, T] for one image. A branch that never wrote the delimiter keeps all its tokens.
-    The official code pads such a branch with an unscored delimiter and then shifts every later
-    branch's probabilities (REFERENCE.md, sampling point 5); here each branch is scored from its own.
+    Official defect, not copied: kaiyuyue/nxtp src/decoding.py pads such a branch with a delimiter that
+    has no probability and then pairs tokens with probabilities across all branches concatenated, so
+    every later branch is scored with shifted probabilities; here each branch is scored from its own.
     """
     out = []
     for ids, ps in zip(tokens.tolist(), probs.tolist()):
@@ -60,3 +63,40 @@ def rank(branches: list, decode: Callable, delimiter: str = ",") -> list:
         label = decode(ids).replace(delimiter, "")
         scores[label] = scores.get(label, 0.0) + score
     return sorted(scores.items(), key=lambda item: item[1], reverse=True)
+
+
+def beam(first_logits: torch.Tensor, step: Callable, k: int, stop_id: int, max_tokens: int):
+    """Beam search of width k for the most likely whole sequence per image, ending with `stop_id`.
+
+    `step` as for `one_shot`, called with the k beams of every image; beams are reordered between
+    steps, so it must recompute each sequence from its tokens (the official loop does). Scores are
+    summed log-probabilities. Returns tokens [B, T] of each image's best beam.
+    """
+    B, V = first_logits.shape
+    scores, tokens = torch.log_softmax(first_logits.float(), dim=-1).topk(k)  # [B, k]
+    tokens = tokens[:, :, None]  # [B, k, 1]
+    done = tokens[:, :, -1] == stop_id
+    finished = torch.full((V,), float("-inf"), device=tokens.device)
+    finished[stop_id] = 0.0  # a finished beam may only repeat the stop token, at no cost
+    while not done.all() and tokens.shape[2] < max_tokens:
+        logp = torch.log_softmax(step(tokens.flatten(0, 1), ~done.flatten()).float(), dim=-1).view(B, k, V)
+        logp = torch.where(done[:, :, None], finished, logp)
+        scores, index = (scores[:, :, None] + logp).flatten(1).topk(k)  # [B, k] over k * V candidates
+        parent, token = index // V, index % V
+        tokens = torch.cat([tokens.gather(1, parent[:, :, None].expand_as(tokens)), token[:, :, None]], dim=2)
+        done = done.gather(1, parent) | (token == stop_id)
+    return tokens[torch.arange(B), scores.argmax(dim=1)]
+
+
+def split_labels(ids: list, delimiter_id: int, stop_id: int, decode: Callable) -> list:
+    """A whole decoded list, ids up to `stop_id`, as label strings in the order written (repeats kept)."""
+    ids = ids[: ids.index(stop_id)] if stop_id in ids else ids
+    labels, run = [], []
+    for i in ids + [delimiter_id]:
+        if i == delimiter_id:
+            label = decode(run).strip()
+            labels += [label] if label else []
+            run = []
+        else:
+            run.append(i)
+    return labels

@@ -236,16 +236,13 @@ def _overlap(a, b):
     return max(dx, 0) * max(dy, 0) / min(a[2], b[2]) ** 2
 
 
-def scene(seed: int, index: int, size: int = 64):
-    """The image and its labels for scene `index` of stream `seed`: 1-4 distinct objects, drawn back to front.
-
-    Returns (PIL RGB image [size x size], list of labels in drawing order).
-    """
+def _draw(seed: int, index: int, size: int):
+    """The image, its labels in drawing order, and each object's pixel box (see `scene_boxes`)."""
     rng = random.Random(seed * 2**32 + index)
     big = size * SUPERSAMPLE
     image = _background(rng, big)
     labels = rng.sample(LABELS, rng.randint(1, MAX_OBJECTS))
-    boxes = []
+    boxes, drawn = [], []
     for label in labels:
         side = rng.uniform(0.38, 0.6) * big
         # overlap is allowed but bounded (best of a few tries), so every object stays recognisable
@@ -259,8 +256,31 @@ def scene(seed: int, index: int, size: int = 64):
             canvas = canvas.transpose(Image.FLIP_LEFT_RIGHT)
         canvas = canvas.rotate(rng.uniform(-30, 30), resample=Image.BILINEAR, expand=True)
         cx, cy = box[0] + side / 2, box[1] + side / 2
-        image.paste(canvas, (round(cx - canvas.width / 2), round(cy - canvas.height / 2)), canvas)
-    return image.reduce(SUPERSAMPLE), labels  # box-filter average of each 3 x 3 block
+        left, top = round(cx - canvas.width / 2), round(cy - canvas.height / 2)
+        image.paste(canvas, (left, top), canvas)
+        x0, y0, x1, y1 = canvas.getchannel("A").getbbox()
+        drawn.append(tuple(min(max(v, 0), size) for v in (
+            (left + x0) // SUPERSAMPLE, (top + y0) // SUPERSAMPLE,
+            -(-(left + x1) // SUPERSAMPLE), -(-(top + y1) // SUPERSAMPLE))))
+    return image.reduce(SUPERSAMPLE), labels, drawn  # box-filter average of each 3 x 3 block
+
+
+def scene(seed: int, index: int, size: int = 64):
+    """The image and its labels for scene `index` of stream `seed`: 1-4 distinct objects, drawn back to front.
+
+    Returns (PIL RGB image [size x size], list of labels in drawing order).
+    """
+    image, labels, _ = _draw(seed, index, size)
+    return image, labels
+
+
+def scene_boxes(seed: int, index: int, size: int = 64) -> list:
+    """The (x0, y0, x1, y1) pixel box of each object of `scene(seed, index, size)`, in the order of its labels.
+
+    A box bounds every pixel the object's drawing touched (x1, y1 exclusive), parts hidden behind later
+    objects included, clipped to the image.
+    """
+    return _draw(seed, index, size)[2]
 
 
 class Scenes(torch.utils.data.Dataset):
@@ -287,20 +307,21 @@ def batches(seed: int, batch_size: int, size: int = 64, start: int = 0):
         yield torch.stack([p for p, _ in items]), [labels for _, labels in items]
 
 
-def train_tokenizer(path, labels=LABELS, prompt: str = PROMPT, seed: int = 0) -> None:
-    """Train the demo's SentencePiece model on the prompt and the label vocabulary, write it to `path`.
+def train_tokenizer(path, labels=LABELS, prompts=(PROMPT,), seed: int = 0) -> None:
+    """Train the demo's SentencePiece model on the prompts and the label vocabulary, write it to `path`.
 
     LLaMA's conventions (unk 0, bos 1, eos 2, no pad: -1), and "," as its own piece so it can be the
     delimiter; the vocabulary is large enough for every word to become one piece, so "ice cream"
-    is "▁ice", "▁cream" and the prompt ends with the piece "▁are", the answer position.
+    is "▁ice", "▁cream" and every prompt ends with the piece "▁are", the answer position.
     """
     import sentencepiece as spm
 
     rng = random.Random(seed)
-    words = sorted({w for text in (prompt, *labels) for w in text.lower().split()})
-    # the sentences the model will see: the prompt followed by a few labels
-    sentences = [f"{prompt} " + ", ".join(rng.sample(labels, rng.randint(1, MAX_OBJECTS))) for _ in range(2000)]
-    chars = sorted({c for w in words for c in w + prompt})
+    words = sorted({w for text in (*prompts, *labels) for w in text.lower().split()})
+    # the sentences the model will see: a prompt followed by a few labels
+    sentences = [f"{prompts[i % len(prompts)]} " + ", ".join(rng.sample(labels, rng.randint(1, MAX_OBJECTS)))
+                 for i in range(2000)]
+    chars = sorted({c for w in words for c in w + "".join(prompts)})
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model, model_type="bpe",

@@ -4,6 +4,8 @@ One CPU process by default; under `torchrun` every rank draws its own scene stre
 DistributedDataParallel averages the gradients (gloo on CPU, nccl on GPU). The run writes the demo
 tokenizer and checkpoints in the NXTP safetensors format into --out-dir, so
 `nxtp_minimal.load(OUT/demo.safetensors, OUT/demo_tokenizer.model)` loads the result.
+The ablations of lessons 10 and 11 change one thing: the mask (--mask causal), or the decoder's depth
+and where it starts (--layers, --init: the truncation of a trained decoder, as NXTP truncates LLaMA).
 """
 
 import argparse
@@ -19,18 +21,25 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import evaluate, scenes
-from .config import LanguageConfig, NXTPConfig, VisionConfig
-from .errors import check_device
+from .config import PROMPT, PROMPTS, LanguageConfig, NXTPConfig, VisionConfig
+from .errors import UserError, check_device
+from .llama import truncate
 from .model import NXTP
 from .tokenizer import Tokenizer
-from .weights import save
-
-# Text after the image tokens: <|image|>, bos, 6 prompt pieces, then up to 4 labels of at most two
-# pieces each with 3 delimiters; eos may be cut off (its target is ignored anyway).
-TEXT_LENGTH = 2 + 6 + 4 * 2 + 3
+from .weights import load, read_config, save
 
 
-def preset(name: str, vocab_size: int) -> NXTPConfig:
+
+def text_length(prompt_pieces: int) -> int:
+    """Text after the image tokens: <|image|>, bos, the prompt, then up to 4 labels of at most two pieces
+    each with 3 delimiters; eos may be cut off (its target is ignored anyway)."""
+    return 2 + prompt_pieces + 4 * 2 + 3
+
+
+TEXT_LENGTH = text_length(6)  # the inference prompt in the demo tokenizer: one piece per word
+
+
+def preset(name: str, vocab_size: int, text: int = TEXT_LENGTH) -> NXTPConfig:
     """demo: the shipped model (64 px scenes). tiny: a fraction of a second per step, for the tests."""
     if name == "demo":
         vision = VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=2)
@@ -41,18 +50,18 @@ def preset(name: str, vocab_size: int) -> NXTPConfig:
     else:
         raise ValueError(f"unknown preset {name!r}: choose demo or tiny")
     return NXTPConfig(vision, LanguageConfig(
-        **language, multiple_of=32, max_seq_len=vision.n_patches + TEXT_LENGTH, vocab_size=vocab_size))
+        **language, multiple_of=32, max_seq_len=vision.n_patches + text, vocab_size=vocab_size))
 
 
 class Objective(nn.Module):
     """model.loss as a forward pass, so DistributedDataParallel can hook the backward."""
 
-    def __init__(self, model: NXTP):
+    def __init__(self, model: NXTP, mask: str = "label"):
         super().__init__()
-        self.model = model
+        self.model, self.mask = model, mask
 
-    def forward(self, pixels, labels):
-        return self.model.loss(pixels, labels)
+    def forward(self, pixels, labels, prompt):
+        return self.model.loss(pixels, labels, prompt, self.mask)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -63,13 +72,18 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def train_step(objective, optimizer, pixels, labels, lr: float, clip: float, shuffle: random.Random) -> float:
-    """One AdamW step on the objective at learning rate `lr`; returns the loss."""
+def train_step(objective, optimizer, pixels, labels, lr: float, clip: float, rng: random.Random,
+               prompts=(PROMPT,)) -> float:
+    """One AdamW step on the objective at learning rate `lr`; returns the loss.
+
+    Like the official construct_text_inputs, one prompt drawn from `prompts` serves the whole batch.
+    """
+    prompt = rng.choice(prompts) if len(prompts) > 1 else prompts[0]
     # the official training shuffles each sample's labels every time it is seen
-    labels = [shuffle.sample(ls, len(ls)) for ls in labels]
+    labels = [rng.sample(ls, len(ls)) for ls in labels]
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = objective(pixels, labels)
+    loss = objective(pixels, labels, prompt)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip)
@@ -111,27 +125,57 @@ def parser():
     p.add_argument("--eval-every", type=int, default=550, help="held-out evaluation and checkpoint period (steps)")
     p.add_argument("--eval-scenes", type=int, default=200, help="held-out scenes per evaluation")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--prompt-augmentation", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw each step's prompt from the ten official templates, as the released models were "
+                        "trained (the shipped demo model used --no-prompt-augmentation)")
+    p.add_argument("--mask", choices=["label", "causal"], default="label",
+                   help="label: the official non-causal label mask; causal: a plain language model (lesson 10)")
+    p.add_argument("--layers", type=int, help="decoder blocks (default: the preset's, or all of --init's)")
+    p.add_argument("--init", help="start from this NXTP checkpoint (trained with the same tokenizer), its "
+                                  "decoder cut to its first --layers blocks (lesson 11)")
     return p
+
+
+def initial_model(args, tokenizer: Tokenizer, text: int) -> NXTP:
+    """The preset with random weights (seeded by --seed), or --init truncated to --layers blocks."""
+    if args.init is None:
+        torch.manual_seed(args.seed)  # same initial weights on every rank
+        config = preset(args.preset, tokenizer.n_words, text)
+        config.language.n_layers = args.layers or config.language.n_layers
+        return NXTP(config, tokenizer)
+    if read_config(args.init).language.vocab_size != tokenizer.n_words:
+        raise UserError(f"--init {args.init} was trained with another tokenizer than this run's ({tokenizer.n_words} "
+                        "ids): use the --prompt-augmentation setting of that run")
+    source = load(args.init, tokenizer)
+    config, have = source.config, source.config.language.n_layers
+    layers = args.layers or have
+    if layers > have:
+        raise UserError(f"--layers {layers}: {args.init} has only {have} decoder blocks to keep")
+    config.language.n_layers = layers
+    model = NXTP(config, tokenizer)
+    state = {f"language_decoder.{k}": v for k, v in truncate(source.language_decoder.state_dict(), layers).items()}
+    model.load_state_dict(state | {f"vision_encoder.{k}": v for k, v in source.vision_encoder.state_dict().items()})
+    return model
 
 
 def main(argv=None) -> NXTP:
     args = parser().parse_args(argv)
-    if min(args.steps, args.batch_size, args.warmup, args.eval_every, args.eval_scenes) < 1:
-        raise ValueError("--steps, --batch-size, --warmup, --eval-every and --eval-scenes must be at least 1")
+    if min(args.steps, args.batch_size, args.warmup, args.eval_every, args.eval_scenes, args.layers or 1) < 1:
+        raise ValueError("--steps, --batch-size, --warmup, --eval-every, --eval-scenes and --layers must be at least 1")
     rank, world, device = distributed(check_device(args.device))
     if args.seed <= evaluate.HELD_OUT_SEED < args.seed + world:
         raise ValueError(f"scene stream {evaluate.HELD_OUT_SEED} is the held-out set; choose another --seed")
     os.makedirs(args.out_dir, exist_ok=True)
     tokenizer_path = os.path.join(args.out_dir, "demo_tokenizer.model")
+    prompts = PROMPTS if args.prompt_augmentation else (PROMPT,)
     if rank == 0:
-        scenes.train_tokenizer(tokenizer_path)
+        scenes.train_tokenizer(tokenizer_path, prompts=prompts)
     if world > 1:
         dist.barrier()  # the other ranks read the tokenizer rank 0 wrote
     tokenizer = Tokenizer(tokenizer_path)
-
-    torch.manual_seed(args.seed)  # same initial weights on every rank
-    model = NXTP(preset(args.preset, tokenizer.n_words), tokenizer).to(device)
-    objective = Objective(model)
+    text = text_length(max(len(tokenizer.encode(p)) for p in prompts))
+    model = initial_model(args, tokenizer, text).to(device)
+    objective = Objective(model, args.mask)
     if world > 1:
         objective = nn.parallel.DistributedDataParallel(objective)
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
@@ -147,7 +191,7 @@ def main(argv=None) -> NXTP:
         start = time.perf_counter()
         pixels, labels = next(data)
         lr = lr_at(step - 1, args.steps, args.warmup, args.lr)
-        loss = train_step(objective, optimizer, pixels.to(device), labels, lr, args.clip, shuffle)
+        loss = train_step(objective, optimizer, pixels.to(device), labels, lr, args.clip, shuffle, prompts)
         bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{world * args.batch_size / (time.perf_counter() - start):.0f}")
         if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
             predicted, reference = evaluate.predict_scenes(model, evaluate.HELD_OUT_SEED, args.eval_scenes)

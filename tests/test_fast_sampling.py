@@ -5,15 +5,18 @@ import torch
 
 import nxtp_minimal
 from conftest import FIXTURES, fixture_tensors
-from nxtp_minimal import sampling
+from nxtp_minimal import cache, sampling
 
 T = fixture_tensors("tiny_nxtp_cases.safetensors")
 PROMPT = [32000, 1, 450, 3618, 297, 278, 1967, 526]
 DELIMITER = 29892
+P0, P1 = T["image0.pixels"], T["image1.pixels"]
 INPUTS = {
-    "image0": T["image0.pixels"],
-    "image1": T["image1.pixels"],
-    "batched": torch.cat([T["image0.pixels"], T["image1.pixels"]]),
+    "image0": P0,
+    "image1": P1,
+    "batch2": torch.cat([P0, P1]),
+    # eight different images: the fixture pair, flipped, transposed and mixed
+    "batch8": torch.cat([P0, P1, P0.flip(-1), P1.flip(-1), P0.flip(-2), P1.transpose(-1, -2), (P0 + P1) / 2, P1 - P0]),
 }
 
 
@@ -47,12 +50,32 @@ def test_fast_predict_equals_reference_text(llama_tokenizer):
 
 
 def test_finished_branches_leave_the_batch(model):
-    first, step = model.start_sampling(INPUTS["image1"], 5, PROMPT, fast=True)
-    sizes = []
+    # per image, a step feeds as many rows as that batch's busiest image has live branches
+    sampler = model.cached_sampler(INPUTS["batch2"], 5, PROMPT)
+    fed, append = [], sampler.append
 
-    def counting_step(tokens, live):
-        sizes.append(int(live.sum()))
-        return step(tokens, live)
+    def counting_append(tokens, position, mask, columns):
+        fed.append(tokens.shape)
+        return append(tokens, position, mask, columns)
 
-    sampling.one_shot(first, counting_step, 5, DELIMITER)
-    assert sizes[0] == 5 and sizes[-1] < 5 and sizes == sorted(sizes, reverse=True)
+    sampler.append = counting_append
+    lives = []
+
+    def step(tokens, live):
+        lives.append(int(live.view(2, 5).sum(dim=1).max()))
+        return sampler.step(tokens, live)
+
+    sampling.one_shot(sampler.first, step, 5, DELIMITER)
+    assert [tuple(s) for s in fed] == [(2, m) for m in lives]
+    assert lives[0] == 5 and lives[-1] < 5 and lives == sorted(lives, reverse=True)
+
+
+def test_step_mask_sees_prefix_and_own_slots():
+    live = torch.tensor([[True, False, True], [False, False, True]])
+    rows, columns, mask = cache.plan_step(live, t=2, L=4, T=3)
+    assert rows.tolist() == [[0, 2], [2, 0]]  # live branches first; image 1 pads with finished branch 0
+    assert columns.tolist() == [[4 + 0 + 1, 4 + 6 + 1], [4 + 6 + 1, 4 + 0 + 1]]
+    for b in range(2):
+        for j, branch in enumerate(rows[b].tolist()):
+            seen = mask[b, 0, j].nonzero()[:, 0].tolist()
+            assert seen == [0, 1, 2, 3, 4 + 3 * branch, 4 + 3 * branch + 1]  # prefix + its first t slots
