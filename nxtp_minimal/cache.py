@@ -39,6 +39,14 @@ class KVCache:
         self.values.scatter_(2, index, v)
         return self.keys, self.values
 
+    def reorder(self, parents):
+        """Branch i of image b takes over the slots of branch parents[b, i] (beam search), parents [B, k]."""
+        for t in (self.keys, self.values):
+            B, H, _, hd = t.shape
+            slots = t[:, :, self.L :].unflatten(2, (parents.shape[1], -1))  # [B, H, k, T, hd]
+            index = parents[:, None, :, None, None].expand(B, H, -1, slots.shape[3], hd)
+            t[:, :, self.L :] = slots.gather(2, index).flatten(2, 3)
+
 
 def plan_step(live, t: int, L: int, T: int):
     """Which branches decode step t feeds, where their keys go, and what they may see.
@@ -112,4 +120,5 @@ def torch_sampler(decoder, x, prefix_mask, k: int, T: int, n_image: int = 0) -> 
 
     sampler = CachedSampler(B, L, k, T, prefill, append)
     sampler.attention = attention
+    sampler.reorder = lambda parents: [c.reorder(parents) for c in cache]
     return sampler

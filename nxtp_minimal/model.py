@@ -139,8 +139,8 @@ class NXTP(nn.Module):
             first, step = self.start_sampling(pixels, 1, max_tokens=max_tokens)
             tokens = sampling.one_shot(first, step, 1, tok.eos_id, max_tokens)[0][:, 0]
         elif method == "beam":
-            first, step = self.start_sampling(pixels, k, fast=False, max_tokens=max_tokens)
-            tokens = sampling.beam(first, step, k, tok.eos_id, max_tokens)
+            sampler = self.cached_sampler(pixels, k, steps=max_tokens - 1)
+            tokens = sampling.beam(sampler.first, sampler.step, k, tok.eos_id, max_tokens, sampler.reorder)
         else:
             raise ValueError(f"method must be 'greedy' or 'beam', got {method!r}")
         return [sampling.split_labels(t.tolist(), tok.delimiter_id, tok.eos_id, tok.decode) for t in tokens]

@@ -65,12 +65,13 @@ def rank(branches: list, decode: Callable, delimiter: str = ",") -> list:
     return sorted(scores.items(), key=lambda item: item[1], reverse=True)
 
 
-def beam(first_logits: torch.Tensor, step: Callable, k: int, stop_id: int, max_tokens: int):
+def beam(first_logits: torch.Tensor, step: Callable, k: int, stop_id: int, max_tokens: int, reorder=None):
     """Beam search of width k for the most likely whole sequence per image, ending with `stop_id`.
 
-    `step` as for `one_shot`, called with the k beams of every image; beams are reordered between
-    steps, so it must recompute each sequence from its tokens (the official loop does). Scores are
-    summed log-probabilities. Returns tokens [B, T] of each image's best beam.
+    `step` as for `one_shot`, called with the k beams of every image. Beams change places between
+    steps: `reorder(parents [B, k])` tells a cache which beam each one continues; without it, `step`
+    must recompute each sequence from its tokens (the official loop does). Scores are summed
+    log-probabilities. Returns tokens [B, T] of each image's best beam.
     """
     B, V = first_logits.shape
     scores, tokens = torch.log_softmax(first_logits.float(), dim=-1).topk(k)  # [B, k]
@@ -83,6 +84,8 @@ def beam(first_logits: torch.Tensor, step: Callable, k: int, stop_id: int, max_t
         logp = torch.where(done[:, :, None], finished, logp)
         scores, index = (scores[:, :, None] + logp).flatten(1).topk(k)  # [B, k] over k * V candidates
         parent, token = index // V, index % V
+        if reorder is not None:
+            reorder(parent)
         tokens = torch.cat([tokens.gather(1, parent[:, :, None].expand_as(tokens)), token[:, :, None]], dim=2)
         done = done.gather(1, parent) | (token == stop_id)
     return tokens[torch.arange(B), scores.argmax(dim=1)]
