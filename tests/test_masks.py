@@ -38,3 +38,39 @@ def test_label_mask_without_labels_is_the_prefix_mask():
     # at inference the prompt holds no delimiter: the training mask reduces to the prefix mask
     tokens = torch.tensor([[-1, -1, -1, 32000, 1, 450, 526]])
     assert torch.equal(masks.label_mask(tokens, 3, ANSWER, DELIMITER)[:, :, :6, :6], masks.prefix_mask(6, 3))
+
+
+def official_label_mask(input_tokens, n_image, answer_id, delimiter_id):
+    """kaiyuyue/nxtp src/models/lang.py Transformer.forward (training, decoupled labels), written again from
+    the official code as the reference: the answer index comes from the batch's last row."""
+    B, S = input_tokens.shape
+    mask = torch.full((B, 1, S, S), float("-inf")).triu(1)
+    mask[:, :, :n_image, :n_image] = 0.0
+    answer = int(torch.nonzero(input_tokens[-1] == answer_id)[0][0])
+    mask[:, :, :, answer + 1 :] = float("-inf")
+    previous_row, previous = 0, answer
+    for row, index in torch.nonzero(input_tokens == delimiter_id).tolist():
+        index += 1
+        if row != previous_row:
+            previous_row, previous = row, answer
+        size = index - previous
+        tri = previous + torch.tril_indices(size, size)
+        mask[row, 0, tri[0], tri[1]] = 0.0
+        previous = index
+    return mask
+
+
+def test_label_mask_with_mixed_templates_takes_the_last_rows_answer(llama_tokenizer):
+    # rows with longer prompts than the last row's: their answer boundary is the last row's (official quirk)
+    from nxtp_minimal.config import PROMPTS
+    from nxtp_minimal.prompt import training_batch
+
+    n_image, templates = 4, [PROMPTS[5], PROMPTS[2], PROMPTS[0]]
+    labels = [["hot dog", "cat"], ["tree", "traffic light", "sun"], ["cup", "bird"]]
+    tokens, _ = training_batch(llama_tokenizer, templates, labels, n_image, 40)
+    input_tokens = torch.cat([tokens.new_full((3, n_image), -1), tokens], dim=1)
+    got = masks.label_mask(input_tokens, n_image, llama_tokenizer.answer_id, llama_tokenizer.delimiter_id)
+    assert torch.equal(got, official_label_mask(input_tokens, n_image, ANSWER, DELIMITER))
+    # the quirk matters for this batch: alone, the first row would get another mask
+    alone = masks.label_mask(input_tokens[:1], n_image, ANSWER, DELIMITER)
+    assert not torch.equal(got[:1], alone)

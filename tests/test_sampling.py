@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import nxtp_minimal
+from conftest import REPO
 from nxtp_minimal import sampling
 
 V, DELIM = 12, 3
@@ -65,3 +67,50 @@ def test_rank_merges_same_text_and_sorts():
 def test_k_out_of_range():
     with pytest.raises(ValueError, match="k must be between 1 and the vocabulary size 12"):
         sampling.one_shot(torch.zeros(1, V), None, k=13, delimiter_id=DELIM)
+
+
+def markov_step(table):
+    """A decoder whose next-token distribution depends only on the last token: table [V, V] of logits."""
+    return lambda tokens, live: table[tokens[:, -1]]
+
+
+def test_beam_finds_the_most_likely_sequence():
+    # brute force over every sequence of at most 4 tokens ending with the stop token is the reference
+    g = torch.Generator().manual_seed(0)
+    n, stop = 5, 0
+    first, table = torch.randn(1, n, generator=g) * 2, torch.randn(n, n, generator=g) * 2
+    logp_first, logp = torch.log_softmax(first[0], -1), torch.log_softmax(table, -1)
+    best, best_score = None, float("-inf")
+    for length in range(1, 5):
+        for seq in torch.cartesian_prod(*[torch.arange(n)] * length).reshape(-1, length).tolist():
+            if seq[-1] != stop or stop in seq[:-1]:
+                continue
+            score = logp_first[seq[0]] + sum(logp[a, b] for a, b in zip(seq, seq[1:]))
+            if score > best_score:
+                best, best_score = seq, score
+    got = sampling.beam(first, markov_step(table), n, stop, max_tokens=4)[0].tolist()
+    assert got[: got.index(stop) + 1] == best
+
+
+def test_split_labels():
+    names = {4: "hot", 5: "dog", 6: "sun", DELIM: ",", 2: "</s>"}
+    decode = lambda ids: " ".join(names[i] for i in ids)  # noqa: E731
+    assert sampling.split_labels([4, 5, DELIM, 6, DELIM, 6, 2, 4], DELIM, 2, decode) == ["hot dog", "sun", "sun"]
+    assert sampling.split_labels([6, DELIM], DELIM, 2, decode) == ["sun"]
+
+
+def test_cached_decoders_equal_the_recomputing_loop():
+    # the cache (fast path, beam search reordering its branch slots) gives the official loop's tokens
+    model = nxtp_minimal.load_demo()
+    pixels = model.pixels(sorted((REPO / "lessons" / "images").glob("scene_*.png")))
+    eos = model.tokenizer.eos_id
+    for k in (1, 3):
+        first, step = model.start_sampling(pixels, k, fast=False, max_tokens=12)
+        reference = sampling.beam(first, step, k, eos, 12)
+        sampler = model.cached_sampler(pixels, k, steps=11)
+        assert torch.equal(sampling.beam(sampler.first, sampler.step, k, eos, 12, sampler.reorder), reference)
+    first, step = model.start_sampling(pixels, 1, fast=False, max_tokens=12)
+    reference = sampling.one_shot(first, step, 1, eos, 12)[0][:, 0]
+    tok = model.tokenizer
+    expected = [sampling.split_labels(t.tolist(), tok.delimiter_id, eos, tok.decode) for t in reference]
+    assert model.decode_list(pixels, "greedy", max_tokens=12) == expected

@@ -1,5 +1,6 @@
 """Training: the schedule, a short run that learns, and two DDP processes that stay in step."""
 
+import random
 import socket
 
 import pytest
@@ -8,8 +9,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from nxtp_minimal import NXTP, Tokenizer, load, train
+from nxtp_minimal.config import PROMPTS
+from nxtp_minimal.errors import UserError
 from nxtp_minimal.evaluate import HELD_OUT_SEED
-from nxtp_minimal.scenes import Scenes
+from nxtp_minimal.llama import truncate
+from nxtp_minimal.scenes import LABELS, Scenes, train_tokenizer
 
 
 def test_learning_rate_schedule():
@@ -21,13 +25,66 @@ def test_learning_rate_schedule():
     assert train.lr_at(total, total, warmup, peak) == pytest.approx(0.1 * peak)
 
 
-def test_presets_fit_four_labels():
+def test_presets_fit_four_labels(tmp_path):
     tok_words = 140
     for name in ("demo", "tiny"):
         config = train.preset(name, tok_words)
         assert config.language.max_seq_len - config.vision.n_patches == train.TEXT_LENGTH
     with pytest.raises(ValueError, match="unknown preset"):
         train.preset("huge", tok_words)
+    # the longest training text, with the longest prompt, fits (eos may be cut: its target is ignored)
+    train_tokenizer(tmp_path / "t.model", prompts=PROMPTS)
+    tok = Tokenizer(tmp_path / "t.model")
+    longest = max(PROMPTS, key=lambda p: len(tok.encode(p)))
+    text = tok.encode("<|image|>" + longest + " " + ", ".join(sorted(LABELS, key=len)[-4:]), bos=True)
+    assert len(text) <= train.text_length(max(len(tok.encode(p)) for p in PROMPTS))
+
+
+class Recorder(torch.nn.Module):
+    """Stands in for the objective: records the prompt of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.prompts = torch.nn.Parameter(torch.zeros(1)), []
+
+    def forward(self, pixels, labels, prompt):
+        self.prompts.append(prompt)
+        return (self.w * 0).sum()
+
+
+def test_prompt_augmentation_draws_one_prompt_per_batch():
+    # as kaiyuyue/nxtp src/encoding.py construct_text_inputs: one random.choice for the whole batch
+    objective = Recorder()
+    optimizer = torch.optim.AdamW(objective.parameters())
+    rng = random.Random(0)
+    for _ in range(40):
+        train.train_step(objective, optimizer, None, [["a", "b"], ["c"]], 1e-3, 1.0, rng, PROMPTS)
+    assert all(isinstance(p, str) for p in objective.prompts) and set(objective.prompts) == set(PROMPTS)
+    # without augmentation: the inference prompt and no draw for it, so the label shuffles take the numbers
+    # they took when the shipped demo model was trained
+    objective, rng, expected = Recorder(), random.Random(1), random.Random(1)
+    train.train_step(objective, torch.optim.AdamW(objective.parameters()), None, [["a", "b", "c"]], 1e-3, 1.0, rng)
+    expected.sample(["a", "b", "c"], 3)
+    assert objective.prompts == [PROMPTS[0]] and rng.random() == expected.random()
+
+
+def test_init_keeps_the_first_blocks(tmp_path):
+    common = ["--preset", "tiny", "--steps", "2", "--batch-size", "4", "--warmup", "1", "--eval-every", "2",
+              "--eval-scenes", "2", "--no-prompt-augmentation"]
+    deep = train.main(common + ["--out-dir", str(tmp_path / "deep"), "--layers", "3"])
+    args = train.parser().parse_args(common + ["--out-dir", str(tmp_path / "cut"), "--layers", "2",
+                                               "--init", str(tmp_path / "deep" / "demo.safetensors")])
+    tok = Tokenizer(tmp_path / "deep" / "demo_tokenizer.model")
+    cut = train.initial_model(args, tok, train.TEXT_LENGTH)
+    kept = truncate(deep.language_decoder.state_dict(), 2)
+    assert cut.config.language.n_layers == 2 and kept.keys() == cut.language_decoder.state_dict().keys()
+    for name, t in cut.language_decoder.state_dict().items():
+        assert torch.equal(t, kept[name]), name
+    for name, t in cut.vision_encoder.state_dict().items():
+        assert torch.equal(t, deep.vision_encoder.state_dict()[name]), name
+    args.layers = 4
+    with pytest.raises(UserError, match="has only 3 decoder blocks"):
+        train.initial_model(args, tok, train.TEXT_LENGTH)
 
 
 def fixed_batch(size):
