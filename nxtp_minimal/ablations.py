@@ -7,6 +7,7 @@ fine-tuned for a short budget, against models of the same depth trained from scr
 
 Every run uses the demo tokenizer (no prompt augmentation, as the shipped demo model), is stored in
 float16 as OUT/<name>.safetensors, and gets a row in OUT/results.json measured on held-out scenes.
+A run already stored with its row is kept, so an interrupted command picks up where it stopped.
 """
 
 import argparse
@@ -71,9 +72,12 @@ def main(argv=None) -> None:
     with open(load_demo().tokenizer.path, "rb") as f:
         demo_tokenizer = f.read()
     for run in EXPERIMENTS[args.experiment]:
+        path = os.path.join(args.out_dir, f"{run.name}.safetensors")
+        if os.path.isfile(path) and any(r["name"] == run.name for r in rows):
+            print(f"{run.name}: kept from an earlier run ({path}; delete it to train again)", file=sys.stderr)
+            continue
         start = time.perf_counter()
         model = train_run(run, args.out_dir, args.work_dir, demo_tokenizer)
-        path = os.path.join(args.out_dir, f"{run.name}.safetensors")
         save(path, model.half())
         model = load(path, model.tokenizer)  # measure what ships: float16 weights computed in float32
         row = {"name": run.name, "mask": run.mask, "blocks": run.blocks, "init": run.init, "steps": run.steps}

@@ -26,6 +26,10 @@ def test_ablate_trains_stores_and_measures(tmp_path, monkeypatch):
         assert row["top_n_recall"] == again["top_n_recall"]
         assert row["duplicates_per_image"] == again["duplicates_per_image"]
         assert (row["mask"], row["init"], row["steps"]) == (run.mask, run.init, run.steps)
+    # run again: what is stored with its row is kept, nothing is trained twice
+    monkeypatch.setattr(ablations, "train_run", lambda *a: pytest.fail("trained a run that was already stored"))
+    ablations.main(["mask", "--out-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--scenes", "20"])
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == rows
 
 
 def test_shipped_results_describe_the_shipped_files():
