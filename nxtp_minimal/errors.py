@@ -3,6 +3,8 @@
 The command line prints a `UserError` as one line on stderr and exits 1, without a traceback.
 """
 
+import os
+
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -17,3 +19,11 @@ def check_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but this PyTorch has no CUDA device; use --device cpu")
     return name
+
+
+def check_exists(path, what: str, hint: str) -> str:
+    """`path` as a string if it exists; otherwise a FileNotFoundError "{what} not found: {path}. {hint}"."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}. {hint}")
+    return path

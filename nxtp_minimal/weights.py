@@ -13,28 +13,43 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import NXTPConfig
+from .errors import check_exists
 from .model import NXTP
 from .tokenizer import Tokenizer
 
 FORMAT = "nxtp"
 
 
+def metadata(config: NXTPConfig) -> dict:
+    """The safetensors metadata of an NXTP file."""
+    return {"format": FORMAT, "config": json.dumps(config.to_dict())}
+
+
+def need_tensor(tensors: dict, name: str, source="the weights"):
+    """tensors[name], or a KeyError that names the tensor and where it was looked for."""
+    if name not in tensors:
+        raise KeyError(f"{source} has no tensor {name!r}")
+    return tensors[name]
+
+
+def open_safetensors(path):
+    """A safetensors file opened for reading (memory-mapped), or one clear line if it is not one."""
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:  # OSError: a folder, or a file that cannot be read
+        raise ValueError(f"{path} is not a safetensors file ({e})") from None
+
+
 def config_from_tensors(shapes: dict, meta: NXTPConfig) -> NXTPConfig:
     """Fill `meta` with every size the tensor shapes determine. shapes: name -> torch.Size."""
-
-    def shape(name):
-        if name not in shapes:
-            raise KeyError(f"the weights have no tensor {name!r}")
-        return shapes[name]
-
     v, lang = meta.vision, meta.language
-    conv = shape("vision_encoder.conv1.weight")  # [width, 3, patch, patch]
+    conv = need_tensor(shapes, "vision_encoder.conv1.weight")  # [width, 3, patch, patch]
     v.width, v.patch_size = conv[0], conv[-1]
-    v.image_size = v.patch_size * round((shape("vision_encoder.positional_embedding")[0] - 1) ** 0.5)
+    v.image_size = v.patch_size * round((need_tensor(shapes, "vision_encoder.positional_embedding")[0] - 1) ** 0.5)
     v.layers = sum(k.endswith(".attn.in_proj_weight") for k in shapes if k.startswith("vision_encoder."))
-    lang.vocab_size, lang.dim = shape("language_decoder.tok_embeddings.weight")
+    lang.vocab_size, lang.dim = need_tensor(shapes, "language_decoder.tok_embeddings.weight")
     lang.n_layers = sum(k.endswith(".attention.wq.weight") for k in shapes if k.startswith("language_decoder."))
-    hidden = shape("language_decoder.layers.0.feed_forward.w1.weight")[0]
+    hidden = need_tensor(shapes, "language_decoder.layers.0.feed_forward.w1.weight")[0]
     if hidden != lang.hidden_dim:
         raise ValueError(
             f"feed-forward width {hidden} does not follow from the config (dim {lang.dim}, multiple_of "
@@ -44,16 +59,13 @@ def config_from_tensors(shapes: dict, meta: NXTPConfig) -> NXTPConfig:
 
 
 def _open(path):
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"weights file not found: {path}. Use the demo weights in weights/ or convert the official "
-            "checkpoint (python -m nxtp_minimal convert, see weights/README.md)"
-        )
-    try:
-        return safe_open(path, framework="pt")
-    except SafetensorError as e:
-        raise ValueError(f"{path} is not a safetensors file ({e})") from None
+    return open_safetensors(check_exists(path, "weights file", (
+        "Use the demo weights in weights/, or download and convert the released model "
+        "(python -m nxtp_minimal download, see weights/README.md)"
+    )))
+
+
+_REWRITE = "the file is damaged or was edited: write it again (python -m nxtp_minimal convert, or nxtp_minimal.save)"
 
 
 def read_config(path) -> NXTPConfig:
@@ -66,7 +78,13 @@ def read_config(path) -> NXTPConfig:
                 f"{meta.get('format')!r}); convert official checkpoints with python -m nxtp_minimal convert"
             )
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    return config_from_tensors(shapes, NXTPConfig.from_dict(json.loads(meta["config"])))
+    try:
+        config = NXTPConfig.from_dict(json.loads(meta["config"]))
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path}: its "config" metadata is not valid JSON ({e}); {_REWRITE}') from None
+    except (TypeError, KeyError) as e:
+        raise ValueError(f'{path}: its "config" metadata is not an NXTP configuration ({e!r}); {_REWRITE}') from None
+    return config_from_tensors(shapes, config)
 
 
 def check_state_dict(model: torch.nn.Module, tensors: dict, source: str) -> None:
@@ -109,10 +127,14 @@ def load(weights_path, tokenizer=None, device="cpu", dtype=torch.float32) -> NXT
 def save(path, model: NXTP) -> None:
     """Write `model` in the NXTP format, in the dtype its parameters have."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, os.fspath(path), metadata={"format": FORMAT, "config": json.dumps(model.config.to_dict())})
+    save_file(tensors, os.fspath(path), metadata=metadata(model.config))
 
 
-DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
+# weights/ in a source checkout (and an editable install); a wheel carries the same two files inside
+# the package, as nxtp_minimal/demo_model/ (pyproject.toml).
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGED = os.path.join(_PACKAGE, "demo_model")
+DEMO_DIR = _PACKAGED if os.path.isdir(_PACKAGED) else os.path.join(os.path.dirname(_PACKAGE), "weights")
 
 
 def load_demo(device="cpu", dtype=torch.float32) -> NXTP:

@@ -1,4 +1,4 @@
-"""Shared fixtures. `pytest --device cuda` runs the device-aware tests on the GPU (skipped without CUDA)."""
+"""Shared fixtures. `pytest --device cuda` runs the device-aware tests on the GPU (an error without CUDA)."""
 
 import json
 import os
@@ -16,12 +16,16 @@ def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", help="cpu or cuda: where device-aware tests run")
 
 
+def pytest_configure(config):
+    # a GPU run that quietly skipped every device test would look like a pass
+    if config.getoption("--device").startswith("cuda") and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda was given but this PyTorch has no CUDA device; run without --device")
+
+
 @pytest.fixture(scope="session")
 def device(request):
     name = request.config.getoption("--device")
     if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            pytest.skip("--device cuda given but CUDA is not available")
         # float32 tests mean float32: no TensorFloat-32 shortcuts in matmuls and convolutions
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False

@@ -1,9 +1,9 @@
 """Write NXTP weights back out in the official formats, to test and measure the converters.
 
-An NXTP state dict is split the way the official files hold it (REFERENCE.md, "Checkpoints"):
+An NXTP state dict is split the way the official files hold it:
 - the training checkpoint: `torch.save({"model": ..., "optimizer": ..., ...})` whose "model" holds only
-  the trained parameters, named `module.*` (DDP): the projection, the last vision blocks, `ln_post`
-  and the whole decoder;
+  the trained parameters (kaiyuyue/nxtp src/utils.py `save_checkpoint`), named `module.*` (DDP): the
+  projection, the last vision blocks, `ln_post` and the whole decoder;
 - OpenAI's CLIP state dict: `visual.*` with CLIP's own `visual.proj`, the text tower and
   `logit_scale`, saved as a TorchScript archive (like ViT-L-14.pt) or as safetensors. Its copies of
   the trained tensors hold other values (CLIP before NXTP's fine-tuning), so a converter that takes
@@ -20,6 +20,7 @@ conversion (weights/README.md):
 import argparse
 import json
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -98,7 +99,10 @@ def save_torchscript(state_dict: dict, path) -> None:
             module.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
         else:
             module.register_buffer(leaf, value)
-    torch.jit.save(torch.jit.script(root), os.fspath(path))
+    with warnings.catch_warnings():
+        # deliberately TorchScript: OpenAI's format, which torch now calls deprecated
+        warnings.filterwarnings("ignore", r"`torch\.jit\.(script|save)` is deprecated", DeprecationWarning)
+        torch.jit.save(torch.jit.script(root), os.fspath(path))
 
 
 def save_clip(state_dict: dict, path) -> None:
@@ -107,6 +111,41 @@ def save_clip(state_dict: dict, path) -> None:
         save_file({k: v.contiguous() for k, v in state_dict.items()}, path)
     else:
         save_torchscript(state_dict, path)
+
+
+def save_hf_clip(state_dict: dict, folder, heads: int) -> None:
+    """OpenAI's CLIP state dict as a Hugging Face CLIPModel folder (openai/clip-vit-large-patch14's layout:
+    config.json + model.safetensors), renamed here key by key. Only the vision tower and the projections."""
+    os.makedirs(folder, exist_ok=True)
+    blocks = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+              "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    top = {"class_embedding": "embeddings.class_embedding", "conv1.weight": "embeddings.patch_embedding.weight",
+           "positional_embedding": "embeddings.position_embedding.weight", "ln_pre.weight": "pre_layrnorm.weight",
+           "ln_pre.bias": "pre_layrnorm.bias", "ln_post.weight": "post_layernorm.weight",
+           "ln_post.bias": "post_layernorm.bias"}
+    hf = {"visual_projection.weight": state_dict["visual.proj"].t(),
+          "text_projection.weight": state_dict["text_projection"].t(), "logit_scale": state_dict["logit_scale"]}
+    for key, t in state_dict.items():
+        if not key.startswith("visual.") or key == "visual.proj":
+            continue
+        key = key[len("visual."):]
+        if key in top:
+            hf["vision_model." + top[key]] = t
+            continue
+        _, _, i, rest = key.split(".", 3)  # transformer.resblocks.i.rest
+        module, param = rest.rsplit(".", 1)
+        layer = f"vision_model.encoder.layers.{i}."
+        if module == "attn" and param.startswith("in_proj_"):
+            for w, part in zip("qkv", t.chunk(3)):
+                hf[f"{layer}self_attn.{w}_proj.{param[len('in_proj_'):]}"] = part
+        else:
+            hf[f"{layer}{blocks[module]}.{param}"] = t
+    width = state_dict["visual.conv1.weight"].shape[0]
+    vision = {"hidden_size": width, "num_attention_heads": heads, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+              "num_hidden_layers": sum(k.endswith("attn.in_proj_weight") for k in state_dict if k.startswith("visual."))}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"architectures": ["CLIPModel"], "model_type": "clip", "vision_config": vision}, f)
+    save_file({k: v.contiguous() for k, v in hf.items()}, os.path.join(folder, "model.safetensors"))
 
 
 def released_tensors(dtype=torch.float16, seed=0) -> dict:

@@ -5,13 +5,16 @@
 - Meta LLaMA: the same weights in consolidated.00.pth + params.json give the same logits.
 - Official NXTP checkpoint: tiny_nxtp.safetensors split into the official files and converted back
   is the fixture, tensor for tensor, and passes the end-to-end cases.
+- OpenAI's TorchScript archive: the restricted reader gives what torch.jit.load gives, tensor for tensor.
 """
 
 import json
 import math
+import pickle
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -20,9 +23,10 @@ from safetensors.torch import load_file
 
 import nxtp_minimal
 from conftest import FIXTURES, REPO, fixture_tensors
-from make_synthetic_official import save_clip, split
-from nxtp_minimal import convert, masks, sampling
+from make_synthetic_official import save_clip, save_torchscript, split
+from nxtp_minimal import convert_llama, masks, sampling
 from nxtp_minimal.cli import main
+from nxtp_minimal.convert_clip import read_torchscript
 
 TINY = FIXTURES / "tiny_nxtp.safetensors"
 CASES = json.loads((FIXTURES / "cases.json").read_text())["tiny_nxtp"]["cases"]
@@ -64,7 +68,7 @@ def perturb(model, seed):
 
 
 def meta_from_hf(sd: dict, n_heads: int) -> dict:
-    """Meta's names and q/k row order, built by index (independent of convert.unpermute)."""
+    """Meta's names and q/k row order, built by index (independent of convert_llama.unpermute)."""
     names = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
     parts = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
              "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
@@ -220,6 +224,10 @@ def converted(official):
     return out
 
 
+JIT_LOAD_IS_THE_REFERENCE = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+
+
+@JIT_LOAD_IS_THE_REFERENCE
 def test_official_files_look_official(official):
     ckpt = torch.load(official / "ckpt.pth", weights_only=True)
     assert {"model", "optimizer"} <= ckpt.keys()
@@ -370,4 +378,68 @@ def test_unpermute_inverts_hugging_face_permutation():
     """HF's converter: per head, rows (0, 2, 4, ...) then (1, 3, 5, ...). unpermute puts them back."""
     meta = torch.arange(2 * 8 * 3, dtype=torch.float32).view(16, 3)  # 2 heads of head_dim 8
     hf_rows = [h * 8 + r for h in range(2) for r in (0, 2, 4, 6, 1, 3, 5, 7)]
-    assert torch.equal(convert.unpermute(meta[hf_rows], n_heads=2), meta)
+    assert torch.equal(convert_llama.unpermute(meta[hf_rows], n_heads=2), meta)
+
+
+# --- OpenAI's TorchScript archive, read without running it ---
+
+
+def read_all(path) -> dict:
+    return {k: t.read() for k, t in read_torchscript(path).items()}
+
+
+def assert_same_tensors(got: dict, expected: dict):
+    assert got.keys() == expected.keys()
+    for name, t in expected.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
+@JIT_LOAD_IS_THE_REFERENCE
+def test_archive_reader_gives_what_torch_jit_load_gives(official, tmp_path):
+    assert_same_tensors(read_all(official / "ViT-tiny.pt"), torch.jit.load(official / "ViT-tiny.pt").state_dict())
+    # views: a transposed tensor, two rows of one storage; bfloat16 and bool records
+    base = torch.arange(12.0).view(3, 4)
+    save_torchscript({"visual.t": torch.randn(3, 4).t(), "visual.row1": base[1], "visual.row2": base[2],
+                      "visual.bf16": torch.randn(5).bfloat16(), "mask": torch.tensor([True, False])},
+                     tmp_path / "views.pt")
+    got, expected = read_all(tmp_path / "views.pt"), torch.jit.load(tmp_path / "views.pt").state_dict()
+    assert_same_tensors(got, expected)
+    assert [(got[k].stride(), got[k].storage_offset()) for k in ("visual.t", "visual.row2")] == [((1, 4), 0), ((1,), 8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64])
+@JIT_LOAD_IS_THE_REFERENCE
+def test_archive_written_big_endian(tmp_path, dtype):
+    save_torchscript({"visual.a": (100 * torch.randn(3, 5)).to(dtype), "visual.b": torch.arange(7).to(dtype)},
+                     tmp_path / "little.pt")
+    size = torch.empty((), dtype=dtype).element_size()
+    with zipfile.ZipFile(tmp_path / "little.pt") as src, zipfile.ZipFile(tmp_path / "big.pt", "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            if "/data/" in name:  # every record holds `dtype` values: reverse the bytes of each
+                data = bytes(b for i in range(0, len(data), size) for b in reversed(data[i: i + size]))
+            dst.writestr(name, b"big" if name.endswith("/byteorder") else data)
+    assert_same_tensors(read_all(tmp_path / "big.pt"), torch.jit.load(tmp_path / "little.pt").state_dict())
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_archive_that_would_run_code_is_refused(official, tmp_path, capsys):
+    with zipfile.ZipFile(official / "ViT-tiny.pt") as src, zipfile.ZipFile(tmp_path / "evil.pt", "w") as dst:
+        for name in src.namelist():
+            data = pickle.dumps({"visual": RunsCode()}, protocol=2) if name.endswith("/data.pkl") else src.read(name)
+            dst.writestr(name, data)
+    code, out, err = run_cli(["convert", "nxtp", "--checkpoint", str(official / "ckpt.pth"), "--clip",
+                              str(tmp_path / "evil.pt"), "--out", str(tmp_path / "o.safetensors"), *TINY_FLAGS], capsys)
+    line = one_error_line(err)
+    assert code == 1 and "refers to __builtin__.print, which rebuilding CLIP's tensors does not need" in line
+    assert "this must never run" not in out + err
+
+
+def test_torch_save_file_is_not_an_archive(tmp_path):
+    torch.save({"visual.conv1.weight": torch.zeros(2)}, tmp_path / "state.pt")
+    with pytest.raises(ValueError, match=r"state.pt is not a TorchScript archive \(its data.pkl holds a dict"):
+        read_torchscript(tmp_path / "state.pt")

@@ -17,7 +17,8 @@ import torch
 import nxtp_minimal
 from nxtp_minimal import sampling
 
-# REFERENCE.md, "Published outputs": the official inference script, top-20 (fp16 autocast on a GPU)
+# The official README's "Inference" section: src/infer.py on assets/starbux.jpg, top-20, for each released
+# checkpoint (run with autocast on a GPU)
 PUBLISHED = {
     "g70m": [
         ("coffee", 0.15203), ("shop", 0.09728), ("counter", 0.09182), ("interior", 0.03848), ("bar", 0.03389),

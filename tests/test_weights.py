@@ -62,6 +62,8 @@ def test_not_a_safetensors_file(tmp_path):
     bad.write_bytes(b"PK\x03\x04 a zip, maybe a .pth renamed")
     with pytest.raises(ValueError, match="is not a safetensors file"):
         nxtp_minimal.load(bad)
+    with pytest.raises(ValueError, match=f"{tmp_path} is not a safetensors file"):
+        nxtp_minimal.load(tmp_path)  # a folder
 
 
 def test_safetensors_without_nxtp_metadata(tmp_path):
@@ -71,14 +73,30 @@ def test_safetensors_without_nxtp_metadata(tmp_path):
         nxtp_minimal.load(plain)
 
 
-def rewrite(tmp_path, change):
+def rewrite(tmp_path, change, change_meta=lambda meta: None):
     tensors = load_file(TINY)
     with safe_open(TINY, "pt") as f:
         meta = f.metadata()
     change(tensors)
+    change_meta(meta)
     path = tmp_path / "changed.safetensors"
     save_file(tensors, path, metadata=meta)
     return path
+
+
+def test_config_that_is_not_json_names_the_file(tmp_path):
+    path = rewrite(tmp_path, lambda t: None, lambda meta: meta.update(config=meta["config"].replace('"', "'")))
+    with pytest.raises(ValueError) as e:
+        nxtp_minimal.load(path)
+    message = str(e.value)
+    assert message.startswith(f'{path}: its "config" metadata is not valid JSON (Expecting property name')
+    assert message.endswith("write it again (python -m nxtp_minimal convert, or nxtp_minimal.save)")
+
+
+def test_config_that_is_json_but_not_a_configuration(tmp_path):
+    path = rewrite(tmp_path, lambda t: None, lambda meta: meta.update(config='{"vision": {}}'))
+    with pytest.raises(ValueError, match=f"{path}: its \"config\" metadata is not an NXTP configuration .KeyError"):
+        nxtp_minimal.load(path)
 
 
 def test_missing_tensor_is_named(tmp_path):
