@@ -172,9 +172,9 @@ class NXTP(nn.Module):
         """Where each label looks: label -> attention [blocks, heads, grid, grid], each map summing to 1.
 
         image: what `predict` takes, for one image; a label named twice is answered once. Each label is
-        fed after the prompt as a branch would
-        write it; the map is the attention of its last token (the position that predicts the delimiter,
-        so it has read the whole label) to the image patches, renormalised over the patches.
+        fed after the prompt as a branch would write it; the map is the attention of its last token (the
+        position that predicts the delimiter, so it has read the whole label) to the image patches,
+        renormalised over the patches.
         """
         tok = self._need_tokenizer()
         labels = list(dict.fromkeys(labels))
