@@ -71,13 +71,14 @@ def duplicates(labels: list, n: int) -> int:
 
 
 @torch.inference_mode()
-def decoded_scenes(model, seed: int, n: int, method: str = "greedy", k: int = 1, batch_size: int = 50):
+def decoded_scenes(model, seed: int, n: int, method: str = "greedy", k: int = 1, batch_size: int = 50,
+                   max_tokens: int = 40):
     """Label lists decoded as one sentence (`model.decode_list`) and reference lists, scenes 0 .. n - 1."""
     data = scenes.Scenes(seed, n, model.config.vision.image_size)
     decoded, reference = [], []
     for start in range(0, n, batch_size):
         items = [data[i] for i in range(start, min(start + batch_size, n))]
-        decoded += model.decode_list(torch.stack([p for p, _ in items]), method, k)
+        decoded += model.decode_list(torch.stack([p for p, _ in items]), method, k, max_tokens)
         reference += [labels for _, labels in items]
     return decoded, reference
 
