@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from . import evaluate, scenes
 from .config import PROMPT, PROMPTS, LanguageConfig, NXTPConfig, VisionConfig
+from .dist import distributed
 from .errors import UserError, check_device
 from .llama import truncate
 from .model import NXTP
@@ -96,18 +97,6 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list:
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "positional" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "positional" not in n)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-def distributed(device: str):
-    """(rank, world size, device) from torchrun's environment; a single process without it."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1, device
-    cuda = device.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def parser():
