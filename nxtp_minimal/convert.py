@@ -50,8 +50,21 @@ def nxtp_checkpoint(path) -> dict:
 
 
 def merge(clip: dict, trained: dict, clip_path, ckpt_path) -> dict:
-    """The checkpoint's trained tensors over CLIP's frozen ones, which must be the same network."""
+    """The checkpoint's trained tensors over CLIP's frozen ones, which must be the same network.
+
+    What NXTP trains must come from the checkpoint: CLIP's copy of `ln_post` (or of a trained block) is
+    the value from before training, and taking it silently would give another model.
+    """
     width = clip["vision_encoder.conv1.weight"].shape[0]
+    blocks = {k.split(".")[3] for k in trained if k.startswith("vision_encoder.transformer.resblocks.")}
+    needed = [f"vision_encoder.{n}" for n in ("proj.weight", "ln_post.weight", "ln_post.bias")] + [
+        k for k in clip if k.startswith(tuple(f"vision_encoder.transformer.resblocks.{b}." for b in blocks))]
+    missing = [k for k in needed if k not in trained]
+    if missing:
+        raise KeyError(
+            f"{ckpt_path} lacks {missing[:4]}, which NXTP trains (kaiyuyue/nxtp src/utils.py save_checkpoint "
+            "keeps them); CLIP's untrained copies would give another model: use a complete checkpoint"
+        )
     for name, t in trained.items():
         if name == "vision_encoder.proj.weight":
             expected = torch.Size([t.shape[0], width])

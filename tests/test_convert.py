@@ -332,6 +332,17 @@ def test_checkpoint_missing_a_tensor_names_it(official, tmp_path, capsys):
     assert code == 1 and "language_decoder.layers.1.ffn_norm.weight" in one_error_line(err)
 
 
+@pytest.mark.parametrize("name", ["vision_encoder.ln_post.bias", "vision_encoder.transformer.resblocks.1.ln_2.weight"])
+def test_checkpoint_missing_a_trained_vision_tensor_names_it(official, tmp_path, capsys, name):
+    # CLIP has a copy of these, from before NXTP trained them: it must not stand in silently
+    ckpt = torch.load(official / "ckpt.pth", weights_only=True)
+    del ckpt["model"]["module." + name]
+    torch.save(ckpt, tmp_path / "partial.pth")
+    code, _, err = run_cli(["convert", "nxtp", "--checkpoint", str(tmp_path / "partial.pth"), "--clip",
+                            str(official / "ViT-tiny.pt"), "--out", str(tmp_path / "o.safetensors"), *TINY_FLAGS], capsys)
+    assert code == 1 and name in one_error_line(err) and "which NXTP trains" in err
+
+
 def test_clip_that_disagrees_with_the_checkpoint(official, tmp_path, capsys):
     wide = {"visual." + k[len("vision_encoder."):]: v for k, v in fixture_tensors("vit.safetensors").items()
             if k != "vision_encoder.proj.weight"}  # a CLIP of width 64; the checkpoint was trained on width 32
