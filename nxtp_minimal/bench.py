@@ -2,19 +2,23 @@
 
 Models are built from random weights at three sizes, or are the demo model shipped in weights/, so the
 benchmark needs no download. Both loops run on the same inputs, B images at a time, for a fixed number
-of decode steps (no branch is allowed to finish early).
+of decode steps (no branch is allowed to finish early). `--engine onnx` also exports the model
+(onnx_engine.py) and times the cached loop in onnxruntime on the same inputs.
 """
 
 import argparse
 import json
+import multiprocessing
 import os
+import tempfile
 import threading
 import time
 
 import torch
 
-from . import sampling
+from . import onnx_engine, sampling
 from .config import LanguageConfig, NXTPConfig, VisionConfig, released
+from .errors import UserError
 from .model import NXTP
 from .weights import load_demo
 
@@ -97,12 +101,12 @@ def timed_run(model, pixels, k, steps, fast, device, prompt_ids):
     return t1 - t0, (t2 - t1) / steps, t2 - t0
 
 
-def run(preset, ks, steps, device="cpu", dtype=torch.float32, reference=True, repeats=1, batches=(1,)):
-    """One dict per (batch, k). For `full` the reference loop runs one step and is extrapolated to `steps`."""
-    model = build(preset, device, dtype)
-    prompt_ids = model.prompt_ids() if model.tokenizer is not None else PROMPT_IDS
-    size = model.config.vision.image_size
-    images = torch.randn(max(batches), 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+def export(preset, dtype, directory, prompt_ids):
+    onnx_engine.export(build(preset, "cpu", dtype), directory, prompt_ids)
+
+
+def fast_rows(model, engine, images, ks, steps, batches, repeats, device, prompt_ids):
+    """The cached loop of `model` (NXTP or onnx_engine.OnnxNXTP): one dict per (batch, k)."""
     timed_run(model, images[:1], min(ks), 1, True, device, prompt_ids)  # warm-up: kernels, allocator, caches
     rows = []
     for batch in batches:
@@ -111,10 +115,32 @@ def run(preset, ks, steps, device="cpu", dtype=torch.float32, reference=True, re
             with PeakMemory(device) as memory:
                 runs = sorted(timed_run(model, pixels, k, steps, True, device, prompt_ids) for _ in range(repeats))
             prefix, step, total = runs[len(runs) // 2]
-            rows.append(dict(preset=preset, batch=batch, k=k, steps=steps, fast_prefix_s=prefix, fast_step_s=step,
+            rows.append(dict(engine=engine, batch=batch, k=k, steps=steps, fast_prefix_s=prefix, fast_step_s=step,
                              fast_s=total, images_per_s=batch / total, fast_peak_mb=memory.mb, reference_s=None,
                              ratio=None))
-    if reference:
+    return rows
+
+
+def run(preset, ks, steps, device="cpu", dtype=torch.float32, reference=True, repeats=1, batches=(1,),
+        engines=("torch",), onnx_dir=None):
+    """One dict per (engine, batch, k). For `full` the reference loop runs one step and is extrapolated to `steps`.
+
+    engines: "torch" and/or "onnx"; onnx exports the model to onnx_dir (default: a temporary folder) after
+    the PyTorch rows, and onnxruntime loads the graphs once the PyTorch model is gone.
+    """
+    if "onnx" in engines:
+        if torch.device(device).type != "cpu":
+            raise UserError("bench --engine onnx runs onnxruntime on the CPU: use --device cpu")
+        for module in ("onnx", "onnxscript", "onnxruntime"):
+            onnx_engine.require(module)
+    model = build(preset, device, dtype)
+    prompt_ids = model.prompt_ids() if model.tokenizer is not None else PROMPT_IDS
+    size = model.config.vision.image_size
+    images = torch.randn(max(batches), 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    rows = []
+    if "torch" in engines:
+        rows = fast_rows(model, "torch", images, ks, steps, batches, repeats, device, prompt_ids)
+    if reference and rows:
         extrapolate = preset == "full"  # one official step at k=20 pushes 20 x 265 tokens: ~80 s here
         for row in rows:
             pixels = images[: row["batch"]]
@@ -124,17 +150,32 @@ def run(preset, ks, steps, device="cpu", dtype=torch.float32, reference=True, re
                        reference_s=prefix + steps * step if extrapolate else total,
                        reference_extrapolated=extrapolate)
             row["ratio"] = row["reference_s"] / row["fast_s"]
-    return rows
+    if "onnx" in engines:
+        del model  # the full model in float32 beside its graphs in onnxruntime: 14 GB
+        with tempfile.TemporaryDirectory() as temporary:
+            directory = onnx_dir or temporary
+            # in a child process, which builds the same model: onnxscript's rewriter keeps the last graph it
+            # exported alive, weights included, for as long as the process lives
+            child = multiprocessing.get_context("spawn").Process(target=export, args=(preset, dtype, directory,
+                                                                                      prompt_ids))
+            child.start()
+            child.join()
+            if child.exitcode:
+                raise UserError(f"exporting the {preset} model to ONNX failed (its error is above)")
+            rows += fast_rows(onnx_engine.OnnxNXTP(directory), "onnx", images, ks, steps, batches, repeats, device,
+                              prompt_ids)
+    return [dict(preset=preset) | row for row in rows]
 
 
 def table(rows) -> str:
-    head = f"{'preset':>6} {'batch':>5} {'k':>4} {'steps':>5} | {'prefix s':>9} {'step s':>8} {'total s':>8} "
-    head += f"{'images/s':>9} {'peak MB':>8} | "
+    head = f"{'preset':>6} {'engine':>6} {'batch':>5} {'k':>4} {'steps':>5} | {'prefix s':>9} {'step s':>8} "
+    head += f"{'total s':>8} {'images/s':>9} {'peak MB':>8} | "
     head += f"{'ref prefix':>10} {'ref step':>9} {'ref total':>10} | {'ratio':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        line = f"{r['preset']:>6} {r['batch']:>5} {r['k']:>4} {r['steps']:>5} | {r['fast_prefix_s']:9.3f} "
-        line += f"{r['fast_step_s']:8.3f} {r['fast_s']:8.3f} {r['images_per_s']:9.1f} {r['fast_peak_mb']:8.0f} | "
+        line = f"{r['preset']:>6} {r['engine']:>6} {r['batch']:>5} {r['k']:>4} {r['steps']:>5} | "
+        line += f"{r['fast_prefix_s']:9.3f} {r['fast_step_s']:8.3f} {r['fast_s']:8.3f} {r['images_per_s']:9.1f} "
+        line += f"{r['fast_peak_mb']:8.0f} | "
         if r["reference_s"] is None:
             line += f"{'-':>10} {'-':>9} {'-':>10} | {'-':>6}"
         else:
@@ -159,14 +200,19 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--repeats", type=int, default=1, help="runs of the fast loop per k; the median is kept")
     p.add_argument("--no-reference", action="store_true", help="time only the cached loop")
+    p.add_argument("--engine", nargs="+", choices=["torch", "onnx"], default=["torch"],
+                   help="run the cached loop in PyTorch and/or exported to onnxruntime (needs pip install -e .[onnx])")
+    p.add_argument("--onnx", help="keep the ONNX export in this folder (default: a temporary one)")
     p.add_argument("--json", action="store_true", help="one JSON object per row instead of the table")
     args = p.parse_args(argv)
     if args.steps < 1 or min(args.top_k) < 1 or args.repeats < 1 or min(args.batch) < 1:
         raise ValueError("--steps, --top-k, --batch and --repeats must be at least 1")
     rows = run(args.preset, args.top_k, args.steps, check_device(args.device), DTYPES[args.dtype],
-               reference=not args.no_reference, repeats=args.repeats, batches=args.batch)
+               reference=not args.no_reference, repeats=args.repeats, batches=args.batch, engines=args.engine,
+               onnx_dir=args.onnx)
     if args.json:
-        keys = ("preset", "batch", "k", "steps", "fast_s", "images_per_s", "reference_s", "ratio", "fast_peak_mb")
+        keys = ("preset", "engine", "batch", "k", "steps", "fast_s", "images_per_s", "reference_s", "ratio",
+                "fast_peak_mb")
         for r in rows:
             print(json.dumps({key: r[key] for key in keys} | {"device": args.device, "dtype": args.dtype}))
     else:

@@ -1,4 +1,4 @@
-"""Command line: `python -m nxtp_minimal {predict,convert,train,evaluate,bench} ...`.
+"""Command line: `python -m nxtp_minimal {predict,convert,download,train,evaluate,bench,export,ablate,demo} ...`.
 
 Each command's options live with the code that does the work; this file only dispatches and turns
 user errors into one line on stderr.
@@ -7,15 +7,18 @@ user errors into one line on stderr.
 import importlib
 import sys
 
-from .errors import UserError
+from .errors import USER_ERRORS, message
 
 COMMANDS = {
     "predict": "nxtp_minimal.predict",
     "convert": "nxtp_minimal.convert",
+    "download": "nxtp_minimal.download",
     "train": "nxtp_minimal.train",
     "evaluate": "nxtp_minimal.evaluate",
     "bench": "nxtp_minimal.bench",
+    "export": "nxtp_minimal.onnx_engine",
     "ablate": "nxtp_minimal.ablations",
+    "demo": "nxtp_minimal.demo",
 }
 
 
@@ -28,7 +31,6 @@ def main(argv=None) -> None:
     run = importlib.import_module(COMMANDS[command]).main
     try:
         run(rest)
-    except (UserError, FileNotFoundError, ValueError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {message}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"error: {message(e)}", file=sys.stderr)
         sys.exit(1)

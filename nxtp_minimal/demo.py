@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import sampling
-from .errors import DTYPES, UserError, check_device
+from .errors import DTYPES, USER_ERRORS, UserError, check_device, message
 from .plot import heat_on_image
 from .preprocess import MAX_PIXELS, load_image, resize_and_crop
 from .scenes import LABELS
@@ -48,9 +48,8 @@ def _shown_on_page(fn):
     def run(*args):
         try:
             return fn(*args)
-        except (UserError, FileNotFoundError, ValueError, KeyError) as e:
-            message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-            raise _gradio().Error(html.escape(message, quote=False), print_exception=False) from None
+        except USER_ERRORS as e:
+            raise _gradio().Error(html.escape(message(e), quote=False), print_exception=False) from None
 
     return run
 
@@ -213,13 +212,7 @@ def main(argv=None) -> None:
     device = check_device(args.device)
     if args.max_pixels is not None and args.max_pixels < 0:
         raise UserError(f"--max-pixels must be 0 (no limit) or a number of pixels, got {args.max_pixels}")
-    if args.weights is None:
-        print("no --weights given: serving the demo model shipped in weights/", file=sys.stderr)
-        model = weights.load_demo(device=device, dtype=DTYPES[args.dtype])
-    else:
-        model = weights.load(args.weights, args.tokenizer, device=device, dtype=DTYPES[args.dtype])
-    if model.tokenizer is None:
-        raise UserError("--weights needs --tokenizer (the SentencePiece model, see weights/README.md)")
+    model = weights.load_for_command(args.weights, args.tokenizer, device, args.dtype, "serving")
     app = build_app(model, args.weights, args.max_pixels)
     # system fonts: a theme with web fonts makes the browser fetch them; share=False even where GRADIO_SHARE
     # or a notebook would open a public tunnel

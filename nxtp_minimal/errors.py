@@ -14,6 +14,16 @@ class UserError(Exception):
     """A mistake in the command line or its inputs: reported in one line, no traceback."""
 
 
+# What the command line and the demo page report as one line: the package raises these, with a message
+# that says what was wrong and what to do, for every mistake in a user's input.
+USER_ERRORS = (UserError, FileNotFoundError, ValueError, KeyError)
+
+
+def message(error: Exception) -> str:
+    """The one line for an error of USER_ERRORS (a KeyError's str() would add quotes)."""
+    return str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+
+
 def check_device(name: str) -> str:
     """`name` if PyTorch can use it; a UserError that says what to use instead otherwise."""
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -174,13 +174,7 @@ def main(argv=None) -> None:
         encoder = load_encoder() if args.semantic else None
     except ImportError as e:
         raise UserError(str(e)) from None
-    if args.weights is None:
-        print("no --weights given: evaluating the demo model shipped in weights/", file=sys.stderr)
-        model = weights.load_demo()
-    else:
-        if args.tokenizer is None:
-            raise ValueError("--weights needs --tokenizer (the SentencePiece model that goes with it)")
-        model = weights.load(args.weights, args.tokenizer)
+    model = weights.load_for_command(args.weights, args.tokenizer, doing="evaluating")
     predicted, reference = predict_scenes(model, args.seed, args.scenes, args.top_k)
     result = scores(predicted, reference, args.top_k, encoder)
     if args.json:

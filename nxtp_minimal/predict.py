@@ -36,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="NXTP safetensors file (default: the demo model in weights/)")
     p.add_argument("--tokenizer", help="SentencePiece model that goes with --weights")
     p.add_argument("--top-k", type=int, default=10, help="number of branches, i.e. labels asked for")
+    p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+                   help="onnx: run the graphs of `export onnx` in onnxruntime (needs --onnx DIR, pip install -e .[onnx])")
+    p.add_argument("--onnx", metavar="DIR", help="folder written by python -m nxtp_minimal export onnx")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--json", action="store_true", help="print one JSON array instead of the table")
@@ -147,14 +150,21 @@ def load_model(args, device: str, announce: bool = True):
     (and .label_maps for --attention-maps) on preprocessed pixels, so another engine with those fits here."""
     from . import weights
 
-    if args.weights is None:
-        if announce:
-            print("no --weights given: using the demo model shipped in weights/", file=sys.stderr)
-        model = weights.load_demo(device=device, dtype=DTYPES[args.dtype])
-    else:
-        model = weights.load(args.weights, args.tokenizer, device=device, dtype=DTYPES[args.dtype])
+    if args.engine == "torch":
+        if args.onnx is not None:
+            raise UserError("--onnx DIR is read with --engine onnx: add it, or drop --onnx")
+        return weights.load_for_command(args.weights, args.tokenizer, device, args.dtype,
+                                        "using" if announce else None)
+    from .onnx_engine import OnnxNXTP
+
+    if args.onnx is None:
+        raise UserError("--engine onnx needs --onnx DIR, a folder written by python -m nxtp_minimal export onnx")
+    if args.weights or args.tokenizer or args.attention_maps or device != "cpu" or args.dtype != "float32":
+        raise UserError("--engine onnx takes the model, tokenizer and dtype from --onnx DIR and runs on the CPU "
+                        "without attention: drop --weights, --tokenizer, --dtype, --device and --attention-maps")
+    model = OnnxNXTP(args.onnx)
     if model.tokenizer is None:
-        raise UserError("--weights needs --tokenizer (the SentencePiece model, see weights/README.md)")
+        raise UserError(f"the export in {args.onnx} has no tokenizer: export again with --tokenizer")
     return model
 
 

@@ -7,13 +7,14 @@ what shapes cannot tell (heads, norm eps, RoPE theta, sequence length, prompt, s
 
 import json
 import os
+import sys
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import NXTPConfig
-from .errors import check_exists
+from .errors import DTYPES, UserError, check_exists
 from .model import NXTP
 from .tokenizer import Tokenizer
 
@@ -140,3 +141,15 @@ DEMO_DIR = _PACKAGED if os.path.isdir(_PACKAGED) else os.path.join(os.path.dirna
 def load_demo(device="cpu", dtype=torch.float32) -> NXTP:
     """The small demo model this repo trains and ships in weights/ (see README, "Demo model")."""
     return load(os.path.join(DEMO_DIR, "demo.safetensors"), os.path.join(DEMO_DIR, "demo_tokenizer.model"), device, dtype)
+
+
+def load_for_command(weights_path, tokenizer, device="cpu", dtype="float32", doing="using") -> NXTP:
+    """The model of a command's --weights and --tokenizer (dtype by name), or the demo model when --weights
+    is None, announced on stderr as "no --weights given: {doing} the demo model ..." (doing=None: silent)."""
+    if weights_path is None:
+        if doing is not None:
+            print(f"no --weights given: {doing} the demo model shipped in weights/", file=sys.stderr)
+        return load_demo(device, DTYPES[dtype])
+    if tokenizer is None:
+        raise UserError("--weights needs --tokenizer (the SentencePiece model that goes with it, see weights/README.md)")
+    return load(weights_path, tokenizer, device, DTYPES[dtype])
