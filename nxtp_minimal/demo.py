@@ -89,7 +89,7 @@ def step_view(tokenizer, tokens, probs) -> str:
         last = '<td class="end">&#10003; ' if end else '<td class="cut">'
         cells = [f"<td>{c}</td>" for c in shown[:-1]] + [f"{last}{shown[-1]}</td>"]
         cells += ["<td></td>"] * (len(ids) - len(shown))
-        label = html.escape(tokenizer.decode(label_ids).replace(tokenizer.decode([delimiter]), ""))
+        label = html.escape(sampling.label_text(label_ids, tokenizer.decode, tokenizer.decode([delimiter])))
         note = "" if end else " (no delimiter: cut at the token limit)"
         # the ranking cuts a branch at its first delimiter, even the first token (kaiyuyue/nxtp src/decoding.py
         # `OneShotDecoder.finalize`, sampling.branch_labels); the sampler did not stop it there

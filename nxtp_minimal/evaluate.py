@@ -51,17 +51,22 @@ def mean(rows):
     return tuple(sum(column) / len(rows) for column in zip(*rows))
 
 
+def scene_batches(model, seed: int, n: int, batch_size: int):
+    """Scenes 0 .. n - 1 of `seed` at the model's image size, as (pixels [b, 3, S, S], label lists) batches."""
+    data = scenes.Scenes(seed, n, model.config.vision.image_size)
+    for start in range(0, n, batch_size):
+        items = [data[i] for i in range(start, min(start + batch_size, n))]
+        yield torch.stack([p for p, _ in items]), [labels for _, labels in items]
+
+
 @torch.inference_mode()
 def predict_scenes(model, seed: int, n: int, k: int = 5, batch_size: int = 50):
     """Ranked label lists (empty labels dropped) and reference label lists for scenes 0 .. n - 1 of `seed`."""
-    data = scenes.Scenes(seed, n, model.config.vision.image_size)
     predicted, reference = [], []
-    for start in range(0, n, batch_size):
-        items = [data[i] for i in range(start, min(start + batch_size, n))]
-        pixels = torch.stack([p for p, _ in items])
+    for pixels, labels in scene_batches(model, seed, n, batch_size):
         for ranked in model.predict(pixels, k=k):
             predicted.append([label.strip() for label, _ in ranked if label.strip()])
-        reference += [labels for _, labels in items]
+        reference += labels
     return predicted, reference
 
 
@@ -74,12 +79,10 @@ def duplicates(labels: list, n: int) -> int:
 def decoded_scenes(model, seed: int, n: int, method: str = "greedy", k: int = 1, batch_size: int = 50,
                    max_tokens: int = 40):
     """Label lists decoded as one sentence (`model.decode_list`) and reference lists, scenes 0 .. n - 1."""
-    data = scenes.Scenes(seed, n, model.config.vision.image_size)
     decoded, reference = [], []
-    for start in range(0, n, batch_size):
-        items = [data[i] for i in range(start, min(start + batch_size, n))]
-        decoded += model.decode_list(torch.stack([p for p, _ in items]), method, k, max_tokens)
-        reference += [labels for _, labels in items]
+    for pixels, labels in scene_batches(model, seed, n, batch_size):
+        decoded += model.decode_list(pixels, method, k, max_tokens)
+        reference += labels
     return decoded, reference
 
 

@@ -160,7 +160,7 @@ class NXTP(nn.Module):
         tok = self._need_tokenizer()
         best = {}
         for i, (ids, score) in enumerate(sampling.branch_labels(tokens, probs, tok.delimiter_id)):
-            label = tok.decode(ids).replace(tok.decode([tok.delimiter_id]), "")
+            label = sampling.label_text(ids, tok.decode, tok.decode([tok.delimiter_id]))
             last = len(ids) - 2 if ids[-1] == tok.delimiter_id else len(ids) - 1  # the delimiter's predictor
             last = min(max(last, 0), attention.shape[1] - 1)
             if label not in best or score > best[label][0]:

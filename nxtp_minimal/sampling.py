@@ -52,15 +52,20 @@ def branch_labels(tokens, probs, delimiter_id: int) -> list:
     return out
 
 
-def rank(branches: list, decode: Callable, delimiter: str = ",") -> list:
-    """Merge branches with the same label text by summing their scores; highest first.
+def label_text(ids: list, decode: Callable, delimiter: str = ",") -> str:
+    """A branch's label: its decoded ids with every delimiter character removed (a branch that starts
+    with the delimiter gives an empty label)."""
+    return decode(ids).replace(delimiter, "")
 
-    Text is the decoded ids with every delimiter character removed (a branch that starts with the
-    delimiter gives an empty label). Ties keep branch order, as Python's stable sort does officially.
+
+def rank(branches: list, decode: Callable, delimiter: str = ",") -> list:
+    """Merge branches with the same `label_text` by summing their scores; highest first.
+
+    Ties keep branch order, as Python's stable sort does officially.
     """
     scores = {}
     for ids, score in branches:
-        label = decode(ids).replace(delimiter, "")
+        label = label_text(ids, decode, delimiter)
         scores[label] = scores.get(label, 0.0) + score
     return sorted(scores.items(), key=lambda item: item[1], reverse=True)
 
