@@ -4,7 +4,7 @@ from .config import LanguageConfig, NXTPConfig, VisionConfig, released
 from .model import NXTP
 from .preprocess import load_image, preprocess
 from .tokenizer import Tokenizer
-from .weights import load, load_demo, save
+from .weights.format import load, load_demo, save
 
 __all__ = [
     "NXTP", "NXTPConfig", "VisionConfig", "LanguageConfig", "Tokenizer",

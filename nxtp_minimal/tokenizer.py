@@ -1,9 +1,10 @@
 """Text to ids and back: SentencePiece plus NXTP's special tokens, as the official wrapper does it."""
 
+import os
+
 from sentencepiece import SentencePieceProcessor
 
 from .config import SPECIAL_TOKENS
-from .errors import check_exists
 
 
 class Tokenizer:
@@ -15,10 +16,12 @@ class Tokenizer:
     """
 
     def __init__(self, model_path, special_tokens=SPECIAL_TOKENS):
-        model_path = check_exists(model_path, "tokenizer file", (
-            "Pass the SentencePiece model (LLaMA's tokenizer.model, see weights/README.md) or leave it out "
-            "to use the demo model's."
-        ))
+        model_path = os.fspath(model_path)
+        if not os.path.exists(model_path):
+            raise FileNotFoundError(
+                f"tokenizer file not found: {model_path}. Pass the SentencePiece model (LLaMA's tokenizer.model, "
+                "see weights/README.md) or leave it out to use the demo model's."
+            )
         try:
             self.sp = SentencePieceProcessor(model_file=model_path)
         except Exception as e:

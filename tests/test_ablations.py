@@ -6,7 +6,7 @@ import pytest
 
 import nxtp_minimal
 from conftest import REPO
-from nxtp_minimal import ablations, evaluate
+from nxtp_minimal.training import ablations, evaluate
 
 ABLATIONS = REPO / "weights" / "ablations"
 KEYS = {"name", "mask", "blocks", "init", "steps", "top_n_recall", "duplicates_per_image", "seconds_per_image"}

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 import nxtp_minimal
-from nxtp_minimal import masks, scenes
+from nxtp_minimal import masks
+from nxtp_minimal.training import scenes
 from nxtp_minimal.config import LanguageConfig
-from nxtp_minimal.evaluate import HELD_OUT_SEED
+from nxtp_minimal.training.evaluate import HELD_OUT_SEED
 from nxtp_minimal.llama import Decoder
 from test_convert import DIM, HEADS, HIDDEN, VOCAB, meta_from_hf, perturb
 

@@ -24,9 +24,10 @@ from safetensors.torch import load_file
 import nxtp_minimal
 from conftest import FIXTURES, REPO, fixture_tensors
 from make_synthetic_official import save_clip, save_torchscript, split
-from nxtp_minimal import convert_llama, masks, sampling
-from nxtp_minimal.cli import main
-from nxtp_minimal.convert_clip import read_torchscript
+from nxtp_minimal import masks, sampling
+from nxtp_minimal.weights import convert_llama
+from nxtp_minimal.tools.cli import main
+from nxtp_minimal.weights.convert_clip import read_torchscript
 
 TINY = FIXTURES / "tiny_nxtp.safetensors"
 CASES = json.loads((FIXTURES / "cases.json").read_text())["tiny_nxtp"]["cases"]

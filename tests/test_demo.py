@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO
 from nxtp_minimal import load_demo
-from nxtp_minimal.evaluate import HELD_OUT_SEED, predict_scenes, top_n_recall
+from nxtp_minimal.training.evaluate import HELD_OUT_SEED, predict_scenes, top_n_recall
 
 WEIGHTS = REPO / "weights"
 IMAGES = REPO / "lessons" / "images"

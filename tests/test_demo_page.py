@@ -24,7 +24,7 @@ import pytest
 import nxtp_minimal
 from conftest import FIXTURES, REPO
 from nxtp_minimal import load_demo
-from nxtp_minimal.demo import step_view
+from nxtp_minimal.tools.demo import step_view
 from nxtp_minimal.sampling import branch_labels
 
 pytest.importorskip("gradio", reason="the demo extra is not installed (pip install -e .[demo])")

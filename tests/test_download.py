@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 import nxtp_minimal
 from conftest import REPO
 from make_synthetic_official import save_hf_clip, split
-from nxtp_minimal import NXTP, NXTPConfig, download
-from nxtp_minimal.cli import main
+from nxtp_minimal import NXTP, NXTPConfig
+from nxtp_minimal.weights import download
+from nxtp_minimal.tools.cli import main
 
 pytest.importorskip("huggingface_hub", reason="the download command's library: pip install -r requirements-dev.txt")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -63,8 +64,8 @@ def released(tmp_path_factory):
 def run(cache, argv, md5s, tmp_path):
     """The command in a fresh process (huggingface_hub reads HF_HUB_* when imported), with MD5 entries
     replaced by `md5s`: the test files are not the released ones."""
-    code = ("import json, sys; from nxtp_minimal import download; download.MD5.update(json.loads(sys.argv[1])); "
-            "from nxtp_minimal.cli import main; main(sys.argv[2:])")
+    code = ("import json, sys; from nxtp_minimal.weights import download; download.MD5.update(json.loads(sys.argv[1])); "
+            "from nxtp_minimal.tools.cli import main; main(sys.argv[2:])")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf_home")}
     return subprocess.run([sys.executable, "-c", code, json.dumps(md5s), "download", *argv],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nxtp_minimal import evaluate
+from nxtp_minimal.training import evaluate
 
 
 def test_exact_prf():
@@ -69,7 +69,7 @@ def test_semantic_identical_lists_score_one(encoder):
 def test_evaluate_cli_reports_missing_extra(monkeypatch, capsys):
     import builtins
 
-    from nxtp_minimal import cli
+    from nxtp_minimal.tools import cli
 
     real_import = builtins.__import__
 

@@ -16,11 +16,11 @@ import torch
 import nxtp_minimal
 from conftest import FIXTURES, REPO, fixture_tensors, llama_tokenizer_path
 from nxtp_minimal import sampling
-from nxtp_minimal.errors import UserError
+from nxtp_minimal.tools.errors import UserError
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install -e .[onnx])")
 pytest.importorskip("onnxscript", reason="the onnx extra is not installed (pip install -e .[onnx])")
-from nxtp_minimal.onnx_engine import OnnxNXTP  # noqa: E402
+from nxtp_minimal.tools.onnx_engine import OnnxNXTP  # noqa: E402
 
 TINY = FIXTURES / "tiny_nxtp.safetensors"
 T = fixture_tensors("tiny_nxtp_cases.safetensors")
@@ -125,7 +125,7 @@ def test_command_line_equals_torch(exported):
 def test_bench_exports_the_same_model(tmp_path):
     """bench --engine onnx exports its random-weight preset from a child process: the graphs there must hold
     the weights the PyTorch rows were timed with."""
-    from nxtp_minimal import bench
+    from nxtp_minimal.tools import bench
 
     out = cli("bench", "--preset", "tiny", "--top-k", 3, "--steps", 1, "--engine", "onnx", "--onnx", tmp_path, "--json")
     rows = [json.loads(line) for line in out.stdout.splitlines()]

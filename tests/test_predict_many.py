@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from nxtp_minimal import cli, load_demo, load_image, preprocess, predict
-from nxtp_minimal.scenes import scene
+from nxtp_minimal import load_demo, load_image, preprocess
+from nxtp_minimal.tools import cli, predict
+from nxtp_minimal.training.scenes import scene
 from nxtp_minimal.weights import DEMO_DIR
 
 DEMO = ["--weights", os.path.join(DEMO_DIR, "demo.safetensors"),

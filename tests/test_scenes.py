@@ -7,7 +7,7 @@ import torch
 from conftest import REPO
 from nxtp_minimal import Tokenizer, preprocess, prompt
 from nxtp_minimal.config import PROMPT
-from nxtp_minimal.scenes import KINDS, LABELS, MAX_OBJECTS, Scenes, batches, scene, train_tokenizer
+from nxtp_minimal.training.scenes import KINDS, LABELS, MAX_OBJECTS, Scenes, batches, scene, train_tokenizer
 
 
 @pytest.fixture(scope="module")

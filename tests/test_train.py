@@ -8,12 +8,13 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from nxtp_minimal import NXTP, Tokenizer, load, train
+from nxtp_minimal import NXTP, Tokenizer, load
+from nxtp_minimal.training import train
 from nxtp_minimal.config import PROMPTS
-from nxtp_minimal.errors import UserError
-from nxtp_minimal.evaluate import HELD_OUT_SEED
+from nxtp_minimal.tools.errors import UserError
+from nxtp_minimal.training.evaluate import HELD_OUT_SEED
 from nxtp_minimal.llama import truncate
-from nxtp_minimal.scenes import LABELS, Scenes, train_tokenizer
+from nxtp_minimal.training.scenes import LABELS, Scenes, train_tokenizer
 
 
 def test_learning_rate_schedule():

@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from .format import need_tensor
 from .readers import Lazy, heads, load_safetensors, need, read_json, safetensors_in
-from .weights import need_tensor
 
 # --- OpenAI's TorchScript archive: a zip of NAME/data.pkl (the modules' attributes) + NAME/data/KEY ---
 

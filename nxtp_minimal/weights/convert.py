@@ -19,15 +19,14 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .config import LanguageConfig, NXTPConfig, VisionConfig
+from ..config import LanguageConfig, NXTPConfig, VisionConfig
+from ..llama import truncate
+from ..model import NXTP
+from ..tools.errors import DTYPES, UserError
 from .convert_clip import read_clip
 from .convert_llama import blocks, multiple_of, read_llama
-from .errors import DTYPES, UserError
-from .llama import truncate
-from .model import NXTP
+from .format import check_state_dict, config_from_tensors, metadata, need_tensor
 from .readers import Lazy, heads, load_pth, need, now
-from .weights import check_state_dict, config_from_tensors, metadata, need_tensor
-
 
 # --- the official NXTP training checkpoint ---
 

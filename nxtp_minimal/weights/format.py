@@ -13,10 +13,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import NXTPConfig
-from .errors import DTYPES, UserError, check_exists
-from .model import NXTP
-from .tokenizer import Tokenizer
+from ..config import NXTPConfig
+from ..model import NXTP
+from ..tokenizer import Tokenizer
+from ..tools.errors import DTYPES, UserError, check_exists
 
 FORMAT = "nxtp"
 
@@ -133,7 +133,7 @@ def save(path, model: NXTP) -> None:
 
 # weights/ in a source checkout (and an editable install); a wheel carries the same two files inside
 # the package, as nxtp_minimal/demo_model/ (pyproject.toml).
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PACKAGED = os.path.join(_PACKAGE, "demo_model")
 DEMO_DIR = _PACKAGED if os.path.isdir(_PACKAGED) else os.path.join(os.path.dirname(_PACKAGE), "weights")
 

@@ -14,8 +14,8 @@ import shlex
 import shutil
 import sys
 
+from ..tools.errors import UserError
 from .convert import convert_nxtp
-from .errors import UserError
 
 CHECKPOINTS = {"g70m": "ckpt_epoch_03_iter_1656549.pth", "g3m": "ckpt_epoch_03_iter_0021360.pth"}
 NXTP_REPO = "kaiyuyue/nxtp"

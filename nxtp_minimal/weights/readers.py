@@ -13,8 +13,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .errors import check_exists
-from .weights import open_safetensors
+from ..tools.errors import check_exists
+from .format import open_safetensors
 
 
 class Lazy(NamedTuple):

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .config import LanguageConfig
+from ..config import LanguageConfig
 from .readers import Lazy, load_pth, load_safetensors, need, now, read_json, safetensors_in
 
 

@@ -18,10 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from ..tools.errors import UserError
+from ..weights.format import load, load_demo, save
 from . import evaluate, train
-from .errors import UserError
-from .weights import load, load_demo, save
-
 
 
 @dataclass

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import sampling
+from .. import sampling
+from ..preprocess import MAX_PIXELS, load_image, resize_and_crop
+from ..training.scenes import LABELS
 from .errors import DTYPES, USER_ERRORS, UserError, check_device, message
 from .plot import heat_on_image
-from .preprocess import MAX_PIXELS, load_image, resize_and_crop
-from .scenes import LABELS
 
-EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "lessons" / "images").glob("scene_*.png"))
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "lessons" / "images").glob("scene_*.png"))
 MAX_TOP_K = 50  # the page draws a row and an overlay per branch; more would not be read
 OVERLAY_SIZE = 256
 STEPS_CSS = """
@@ -205,7 +205,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    from . import weights
+    from .. import weights
 
     args = parser().parse_args(argv)
     gr = _gradio()

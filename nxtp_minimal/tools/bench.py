@@ -16,11 +16,12 @@ import time
 
 import torch
 
-from . import onnx_engine, sampling
-from .config import LanguageConfig, NXTPConfig, VisionConfig, released
+from .. import sampling
+from ..config import LanguageConfig, NXTPConfig, VisionConfig, released
+from ..model import NXTP
+from ..weights.format import load_demo
+from . import onnx_engine
 from .errors import UserError
-from .model import NXTP
-from .weights import load_demo
 
 PRESETS = {
     "tiny": lambda: NXTPConfig(

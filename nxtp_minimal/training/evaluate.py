@@ -167,8 +167,8 @@ def parser():
 
 
 def main(argv=None) -> None:
-    from . import weights
-    from .errors import UserError
+    from .. import weights
+    from ..tools.errors import UserError
 
     args = parser().parse_args(argv)
     if args.scenes < 1 or args.top_k < 1:

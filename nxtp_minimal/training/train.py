@@ -20,15 +20,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+from ..config import PROMPT, PROMPTS, LanguageConfig, NXTPConfig, VisionConfig
+from ..llama import truncate
+from ..model import NXTP
+from ..tokenizer import Tokenizer
+from ..tools.dist import distributed
+from ..tools.errors import UserError, check_device
+from ..weights.format import load, read_config, save
 from . import evaluate, scenes
-from .config import PROMPT, PROMPTS, LanguageConfig, NXTPConfig, VisionConfig
-from .dist import distributed
-from .errors import UserError, check_device
-from .llama import truncate
-from .model import NXTP
-from .tokenizer import Tokenizer
-from .weights import load, read_config, save
-
 
 
 def text_length(prompt_pieces: int) -> int:

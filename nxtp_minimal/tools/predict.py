@@ -22,9 +22,9 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from ..preprocess import load_image, preprocess, resize_and_crop
 from .dist import distributed, world_size
 from .errors import DTYPES, UserError, check_device, check_exists
-from .preprocess import load_image, preprocess, resize_and_crop
 
 FIGURE_SIZE = 256  # pixels of the image in an --attention-maps figure
 
@@ -148,7 +148,7 @@ class Images(torch.utils.data.Dataset):
 def load_model(args, device: str, announce: bool = True):
     """The model to label with. `predict` uses it only through .config, .tokenizer, .sample and .rank
     (and .label_maps for --attention-maps) on preprocessed pixels, so another engine with those fits here."""
-    from . import weights
+    from .. import weights
 
     if args.engine == "torch":
         if args.onnx is not None:

@@ -10,15 +10,15 @@ import sys
 from .errors import USER_ERRORS, message
 
 COMMANDS = {
-    "predict": "nxtp_minimal.predict",
-    "convert": "nxtp_minimal.convert",
-    "download": "nxtp_minimal.download",
-    "train": "nxtp_minimal.train",
-    "evaluate": "nxtp_minimal.evaluate",
-    "bench": "nxtp_minimal.bench",
-    "export": "nxtp_minimal.onnx_engine",
-    "ablate": "nxtp_minimal.ablations",
-    "demo": "nxtp_minimal.demo",
+    "predict": "nxtp_minimal.tools.predict",
+    "convert": "nxtp_minimal.weights.convert",
+    "download": "nxtp_minimal.weights.download",
+    "train": "nxtp_minimal.training.train",
+    "evaluate": "nxtp_minimal.training.evaluate",
+    "bench": "nxtp_minimal.tools.bench",
+    "export": "nxtp_minimal.tools.onnx_engine",
+    "ablate": "nxtp_minimal.training.ablations",
+    "demo": "nxtp_minimal.tools.demo",
 }
 
 

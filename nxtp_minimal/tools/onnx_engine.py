@@ -33,12 +33,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from . import cache, masks, sampling
-from .config import NXTPConfig
+from .. import cache, masks, sampling
+from ..config import NXTPConfig
+from ..llama import rope_table
+from ..model import NXTP
+from ..tokenizer import Tokenizer
 from .errors import DTYPES, UserError, check_exists
-from .llama import rope_table
-from .model import NXTP
-from .tokenizer import Tokenizer
 
 GRAPHS = ("vision", "prefill", "step")
 META = "nxtp.json"
@@ -338,7 +338,7 @@ class OnnxNXTP:
 
 
 def main(argv=None) -> None:
-    from .weights import load
+    from ..weights.format import load
 
     p = argparse.ArgumentParser(prog="python -m nxtp_minimal export", description="Export NXTP for onnxruntime.")
     p.add_argument("format", choices=["onnx"])

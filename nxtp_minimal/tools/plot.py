@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .preprocess import resize_and_crop
+from ..preprocess import resize_and_crop
 
 HEAT = "inferno"
 

@@ -18,8 +18,8 @@ import sys
 import torch
 from PIL import Image, ImageDraw
 
-from .config import PROMPT
-from .preprocess import preprocess
+from ..config import PROMPT
+from ..preprocess import preprocess
 
 SUPERSAMPLE = 3
 MAX_OBJECTS = 4

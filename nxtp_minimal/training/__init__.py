@@ -1,0 +1,2 @@
+"""Training and measuring NXTP: the synthetic scenes (`scenes`), the training loop (`train`), the metrics
+(`evaluate`) and the experiments of lessons 10 and 11 (`ablations`)."""
