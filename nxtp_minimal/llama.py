@@ -22,13 +22,13 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rope_table(head_dim: int, positions, theta: float = 10000.0):
-    """cos and sin, each [S, head_dim // 2]: position p turns pair i by p * theta^(-2i/head_dim).
+def rope_table(head_dim: int, positions, theta: float = 10000.0, device=None):
+    """cos and sin, each [S, head_dim // 2] float32: position p turns pair i by p * theta^(-2i/head_dim).
 
     positions: a count n (positions 0 .. n - 1) or a tensor of positions [S].
     """
     if isinstance(positions, int):
-        positions = torch.arange(positions)
+        positions = torch.arange(positions, device=device)
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = torch.outer(positions.float(), freqs)
     return angles.cos(), angles.sin()
@@ -55,12 +55,13 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.dim, bias=False)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, columns=None, record=None):
-        """x [B, S, D]; mask additive [B or 1, 1, S, S_keys] (0 or -inf) or boolean (True = may attend).
+    def forward(self, x, cos, sin, bias, cache=None, columns=None, need_weights=False):
+        """x [B, S, D]; bias: additive [B or 1, 1, S, S_keys] in x's dtype (0 or -inf), or None.
 
-        cache: this block's `cache.KVCache`. Without `columns` this call is the prefix and fills it; with
-        columns [B, S] the new keys and values go to those cache columns, and the queries attend to the
-        whole cache. record: a list that receives this block's attention probabilities [B, H, S, S_keys].
+        cache: this block's `cache.KVCache`; without `columns` this call is the prefix and fills it, with
+        columns [B, S] the new keys and values go to those cache columns and the queries see the whole
+        cache. Returns the output [B, S, D] and, if need_weights, the attention probabilities
+        [B, H, S, S_keys] in float32 (else None).
         """
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
@@ -70,18 +71,14 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
         if cache is not None:
             k, v = cache.prefill(k, v) if columns is None else cache.append(k, v, columns)
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(q.dtype)
-        if record is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, S, hd]
-        else:  # the same attention written out, to keep the probabilities
+        probs = None
+        if need_weights:  # the same attention written out, to keep the probabilities
             scores = q @ k.transpose(-2, -1) / self.head_dim**0.5  # [B, H, S, S_keys]
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-            probs = scores.float().softmax(dim=-1)
-            record.append(probs)
+            probs = (scores if bias is None else scores + bias).float().softmax(dim=-1)
             out = probs.type_as(v) @ v
-        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, H, S, hd]
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1)), probs
 
 
 class FeedForward(nn.Module):
@@ -105,9 +102,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.hidden_dim)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, columns=None, record=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, columns, record)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, cos, sin, bias, cache=None, columns=None, need_weights=False):
+        a, probs = self.attention(self.attention_norm(x), cos, sin, bias, cache, columns, need_weights)
+        h = x + a
+        return h + self.feed_forward(self.ffn_norm(h)), probs
 
 
 class Decoder(nn.Module):
@@ -120,31 +118,56 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        # Built once and indexed by position on the device, like Meta's freqs_cis and gpt-fast's
+        # (llama/model.py Transformer); 2 x max_seq_len positions, as Meta's table.
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.build_rope()
 
-    def forward(self, x, mask=None, positions=None, cache=None, columns=None, last_only=False, record=None):
-        """x: token ids [B, S] or input embeddings [B, S, D]. Returns logits [B, S, V] ([B, V] if last_only).
+    def build_rope(self):
+        """(Re)compute the rotary table in float32 on the device of the weights."""
+        c = self.config
+        self.rope_cos, self.rope_sin = rope_table(c.head_dim, 2 * c.max_seq_len, c.rope_theta, self.output.weight.device)
 
-        positions [S] (on the CPU) are the RoPE positions, 0 .. S - 1 by default: Meta's start_pos,
-        generalised, because one sampling step feeds the newest token of every branch side by side, all
-        at the same position. cache and columns: see `Attention.forward` and cache.py. record: a list
-        that receives every block's attention probabilities, first block first.
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) would cast the table too, and to_empty would leave it empty: rebuild it after any move,
+        # in float32, as Meta keeps its angles whatever dtype the weights are
+        super()._apply(fn, recurse)
+        self.build_rope()
+        return self
+
+    def blocks(self, h, positions, mask=None, cache=None, columns=None, need_weights=False):
+        """The blocks and the final norm: embeddings h [B, S, D] -> normalised hidden states [B, S, D].
+
+        positions [S] (a tensor on h's device, each below 2 x max_seq_len) are the RoPE positions: Meta's
+        start_pos, generalised, because one sampling step feeds the newest token of every branch side by
+        side, all at the same position. mask: boolean [B or 1, 1, S, S_keys], True where a query may
+        attend; it becomes an additive bias once here, not in every block. cache and columns: see
+        `Attention.forward` and cache.py. Returns (hidden, per-block attention probabilities or None).
+        """
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        bias = None if mask is None else torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(
+            ~mask.to(h.device), float("-inf"))
+        probs = []
+        for i, layer in enumerate(self.layers):
+            h, p = layer(h, cos, sin, bias, None if cache is None else cache[i], columns, need_weights)
+            probs.append(p)
+        return self.norm(h), (probs if need_weights else None)
+
+    def forward(self, x, mask=None, last_only=False):
+        """x: token ids [B, S] or input embeddings [B, S, D], at positions 0 .. S - 1.
+
+        Returns logits [B, S, V] ([B, V] if last_only). For cached decoding and attention probabilities,
+        call `blocks` and `output`.
         """
         h = self.tok_embeddings(x) if x.dim() == 2 else x
-        positions = torch.arange(h.shape[1]) if positions is None else positions.cpu()
-        limit = 2 * self.config.max_seq_len  # Meta's RoPE table covers 2 x max_seq_len positions
-        if int(positions.max()) >= limit:
+        if h.shape[1] > self.rope_cos.shape[0]:
             raise ValueError(
-                f"position {int(positions.max())} is beyond what this decoder supports ({limit} = 2 x "
+                f"{h.shape[1]} positions are beyond what this decoder supports ({self.rope_cos.shape[0]} = 2 x "
                 "max_seq_len); raise language.max_seq_len in the config"
             )
-        # a few hundred angles: cheaper on the CPU than as GPU kernels that the check above would wait for
-        cos, sin = rope_table(self.config.head_dim, positions, self.config.rope_theta)
-        cos, sin = cos.to(h.device), sin.to(h.device)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, None if cache is None else cache[i], columns, record)
-        if last_only:
-            h = h[:, -1]
-        return self.output(self.norm(h))
+        h, _ = self.blocks(h, torch.arange(h.shape[1], device=h.device), mask)
+        return self.output(h[:, -1] if last_only else h)
 
 
 def truncate(state_dict: dict, n_layers: int) -> dict:

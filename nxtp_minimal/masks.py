@@ -1,29 +1,23 @@
-"""Attention masks (NXTP step 3). Additive: 0 where a query may attend, -inf where it may not.
+"""Attention masks (NXTP step 3). Boolean: True where a query may attend, False where it may not.
 
 Shapes are [B or 1, 1, S, S] (query rows, key columns), the layout scaled_dot_product_attention takes.
+Every mask is built on the device of its input, without a loop over rows, so training builds its masks
+where the model runs.
 """
 
 import torch
 
 
-def _additive(allowed: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
-
-
-def _causal(S: int) -> torch.Tensor:
-    return torch.ones(S, S, dtype=torch.bool).tril()
-
-
-def causal_mask(S: int) -> torch.Tensor:
+def causal_mask(S: int, device=None) -> torch.Tensor:
     """Plain language-model mask: position i sees 0..i."""
-    return _additive(_causal(S))[None, None]
+    return torch.ones(S, S, dtype=torch.bool, device=device).tril()[None, None]
 
 
-def prefix_mask(S: int, n_image: int) -> torch.Tensor:
+def prefix_mask(S: int, n_image: int, device=None) -> torch.Tensor:
     """Inference mask: causal, except that the image tokens (0..n_image-1) all see each other."""
-    allowed = _causal(S)
-    allowed[:n_image, :n_image] = True
-    return _additive(allowed)[None, None]
+    i = torch.arange(S, device=device)
+    image = i < n_image
+    return ((i[:, None] >= i[None, :]) | (image[:, None] & image[None, :]))[None, None]
 
 
 def label_mask(input_tokens: torch.Tensor, n_image: int, answer_id: int, delimiter_id: int) -> torch.Tensor:
@@ -40,13 +34,14 @@ def label_mask(input_tokens: torch.Tensor, n_image: int, answer_id: int, delimit
     they see only positions up to the answer, not even themselves.
     """
     B, S = input_tokens.shape
-    allowed = _causal(S).repeat(B, 1, 1)
-    allowed[:, :n_image, :n_image] = True
-    answer = int((input_tokens[-1] == answer_id).nonzero()[0, 0])
-    allowed[:, :, answer + 1 :] = False
-    for b in range(B):
-        start = answer
-        for d in (input_tokens[b] == delimiter_id).nonzero()[:, 0].tolist():
-            allowed[b, start : d + 1, start : d + 1] = _causal(d + 1 - start)
-            start = d + 1
-    return _additive(allowed)[:, None]
+    i = torch.arange(S, device=input_tokens.device)
+    answer = (input_tokens[-1] == answer_id).int().argmax()  # the first one, read on the device
+    allowed = prefix_mask(S, n_image, input_tokens.device) & (i <= answer)  # [1, 1, S, S]
+    # Segment of each position: how many delimiters stand before it. The official loop opens segment 0
+    # at the answer position and each later one after a delimiter, up to the delimiter that ends it.
+    delimiter = (input_tokens == delimiter_id).int()
+    before = delimiter.cumsum(dim=1) - delimiter  # [B, S]
+    ended = before < delimiter.sum(dim=1, keepdim=True)  # a delimiter stands at or after the position
+    inside = ended & ((before > 0) | (i >= answer))  # [B, S]
+    same = (before[:, :, None] == before[:, None, :]) & inside[:, :, None] & inside[:, None, :]
+    return allowed | (same & (i[:, None] >= i[None, :]))[:, None]

@@ -37,6 +37,36 @@ def one_shot(first_logits: torch.Tensor, step: Callable, k: int, delimiter_id: i
     return tokens.view(B, k, -1), probs.view(B, k, -1)
 
 
+def one_shot_fixed(first_logits: torch.Tensor, step: Callable, k: int, delimiter_id: int,
+                   max_tokens: int = MAX_TOKENS, check_every: int = 4):
+    """`one_shot` with fixed shapes, for a step that runs all k branches every time (cache.StaticSampler).
+
+    `step(newest, t)` gets the newest token of every branch, [B, k], and t, the tokens each branch holds;
+    it returns next-token logits [B, k, V]. Tokens and probabilities go into buffers allocated once,
+    and whether any branch still runs is read back to the host only every `check_every` steps.
+    Returns what `one_shot` returns: the same branches, as many steps as it would have taken (a branch's
+    tokens after its delimiter differ, and both ignore them).
+    """
+    B, V = first_logits.shape
+    if not 1 <= k <= V:
+        raise ValueError(f"k must be between 1 and the vocabulary size {V}, got {k}")
+    first_probs, first_tokens = torch.softmax(first_logits.float(), dim=-1).topk(k)  # [B, k]
+    tokens = first_tokens.new_zeros(B, k, max_tokens)
+    probs = first_probs.new_zeros(B, k, max_tokens)
+    tokens[:, :, 0], probs[:, :, 0] = first_tokens, first_probs
+    live = torch.ones(B, k, dtype=torch.bool, device=tokens.device)
+    steps = torch.zeros((), dtype=torch.long, device=tokens.device)  # the steps one_shot would take
+    for t in range(1, max_tokens):
+        steps += live.any()
+        p, token = torch.softmax(step(tokens[:, :, t - 1], t).float(), dim=-1).max(dim=-1)  # greedy
+        tokens[:, :, t], probs[:, :, t] = token, p
+        live &= token != delimiter_id
+        if t % check_every == 0 and not live.any():
+            break
+    n = 1 + int(steps)
+    return tokens[:, :, :n], probs[:, :, :n]
+
+
 def branch_labels(tokens, probs, delimiter_id: int) -> list:
     """Per branch: (label ids up to and including its first delimiter, product of their probabilities).
 

@@ -1,6 +1,6 @@
 """Attention maps against references.
 
-- `Decoder.forward(..., record=list)` keeps the probabilities Hugging Face's eager LLaMA attention returns
+- `Decoder.blocks(..., need_weights=True)` returns the probabilities Hugging Face's eager LLaMA attention returns
   (`output_attentions=True`) on the same weights, under a causal and a prefix mask, and changes no logit.
 - `NXTP.attention_maps` (key/value cache, labels fed as branches) equals one uncached pass over image
   tokens + prompt + label under `masks.prefix_mask`: the last label token's row, image columns, renormalised.
@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from nxtp_minimal import inference
 import nxtp_minimal
 from nxtp_minimal import masks
 from nxtp_minimal.training import scenes
@@ -46,12 +47,13 @@ def test_recorded_attention_equals_hf_eager(hf_and_ours, mask):
     hf, ours = hf_and_ours
     S, n_image = 14, 6
     ids = torch.randint(0, VOCAB, (2, S), generator=torch.Generator().manual_seed(6))
-    additive = masks.causal_mask(S) if mask == "causal" else masks.prefix_mask(S, n_image)
-    record = []
+    allowed = masks.causal_mask(S) if mask == "causal" else masks.prefix_mask(S, n_image)
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))  # the 4-D mask HF takes
     with torch.no_grad():
         expected = hf(input_ids=ids, attention_mask=additive.expand(2, 1, S, S), output_attentions=True)
-        logits = ours(ids, additive, record=record)
-        plain = ours(ids, additive)
+        h, record = ours.blocks(ours.tok_embeddings(ids), torch.arange(S), allowed, need_weights=True)
+        logits = ours.output(h)
+        plain = ours(ids, allowed)
     assert len(record) == len(expected.attentions) == 3
     for got, want in zip(record, expected.attentions):  # [B, H, S, S] per block
         assert got.shape == want.shape == (2, HEADS, S, S)
@@ -71,11 +73,12 @@ def uncached_maps(model, image, label):
     """The whole sequence in one pass, no cache: the label's last token's attention to the patches [blocks, H, g, g]."""
     n_image, grid = model.config.vision.n_patches, model.config.vision.grid
     ids = torch.tensor([model.tokenizer.encode(label)], device=model.device)
-    x = model.prefix(model.pixels(image), model.prompt_ids())
+    x = model.prefix(inference.pixels(model, image), model.prompt_ids())
     seq = torch.cat([x, model.language_decoder.tok_embeddings(ids)], dim=1)
-    record = []
+    positions = torch.arange(seq.shape[1], device=seq.device)
     with torch.inference_mode():
-        model.language_decoder(seq, masks.prefix_mask(seq.shape[1], n_image).to(seq.device), record=record)
+        _, record = model.language_decoder.blocks(seq, positions, masks.prefix_mask(seq.shape[1], n_image),
+                                                  need_weights=True)
     row = torch.stack(record)[:, 0, :, -1, :n_image]  # [blocks, H, n_image]
     return (row / row.sum(-1, keepdim=True)).unflatten(-1, (grid, grid)).cpu()
 
@@ -84,7 +87,7 @@ def uncached_maps(model, image, label):
 def test_attention_maps_equal_the_uncached_pass(demo, index):
     image, drawn = scenes.scene(HELD_OUT_SEED, index)
     labels = drawn + [next(label for label in scenes.LABELS if label not in drawn)]  # and one not drawn
-    maps = demo.attention_maps(image, labels + labels[:1])  # a repeated label is answered once
+    maps = inference.attention_maps(demo, image, labels + labels[:1])  # a repeated label is answered once
     assert list(maps) == labels
     language, grid = demo.config.language, demo.config.vision.grid
     shape = (language.n_layers, language.n_heads, grid, grid)
@@ -96,16 +99,16 @@ def test_attention_maps_equal_the_uncached_pass(demo, index):
 
 def test_label_maps_of_sampled_labels_equal_attention_maps(demo):
     images = [scenes.scene(HELD_OUT_SEED, i)[0] for i in SCENES]
-    pixels = demo.pixels(images)
-    tokens, probs, first, attention = demo.sample(pixels, 5, attention=True)
-    plain = demo.sample(pixels, 5)
+    pixels = inference.pixels(demo, images)
+    tokens, probs, first, attention = inference.sample(demo, pixels, 5, attention=True)
+    plain = inference.sample(demo, pixels, 5)
     assert torch.equal(tokens, plain[0])  # recording the attention changes no choice, and no probability
     torch.testing.assert_close(probs, plain[1], rtol=0, atol=1e-5)
     torch.testing.assert_close(first, plain[2], rtol=0, atol=1e-5)
     for b, image in enumerate(images):
-        maps = demo.label_maps(tokens[b], probs[b], attention[b])
-        assert set(maps) == {label for label, _ in demo.rank(tokens[b], probs[b])}
-        expected = demo.attention_maps(image, list(maps))
+        maps = inference.label_maps(demo, tokens[b], probs[b], attention[b])
+        assert set(maps) == {label for label, _ in inference.rank(demo, tokens[b], probs[b])}
+        expected = inference.attention_maps(demo, image, list(maps))
         for label in maps:
             torch.testing.assert_close(maps[label].cpu(), expected[label], rtol=0, atol=1e-5)
 
@@ -113,11 +116,11 @@ def test_label_maps_of_sampled_labels_equal_attention_maps(demo):
 def test_bad_input_raises_a_clear_error(demo):
     image, _ = scenes.scene(HELD_OUT_SEED, 0)
     with pytest.raises(ValueError, match="at least one non-empty label"):
-        demo.attention_maps(image, [])
+        inference.attention_maps(demo, image, [])
     with pytest.raises(ValueError, match="at least one non-empty label"):
-        demo.attention_maps(image, ["fish", " "])
+        inference.attention_maps(demo, image, ["fish", " "])
     with pytest.raises(ValueError, match="takes one image, got 2"):
-        demo.attention_maps([image, image], ["fish"])
+        inference.attention_maps(demo, [image, image], ["fish"])
 
 
 def test_scene_boxes_bound_the_pixels_each_object_changes(monkeypatch):

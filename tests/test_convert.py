@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from nxtp_minimal import inference
 import nxtp_minimal
 from conftest import FIXTURES, REPO, fixture_tensors
 from make_synthetic_official import save_clip, save_torchscript, split
@@ -281,7 +282,7 @@ def test_converted_model_passes_end_to_end_cases(converted_model, case):
     names = [case["image"]] if "image" in case else case["images"]
     expected = [case] if "image" in case else case["batched"]
     prompt_ids = CASES[0]["prompt_token_ids"]  # the same for every case
-    tokens, probs, _ = converted_model.sample(case_pixels(names), case["k"], prompt_ids, DELIMITER)
+    tokens, probs, _ = inference.sample(converted_model, case_pixels(names), case["k"], prompt_ids, DELIMITER)
     if "decode_steps" in case:
         assert tokens.shape[-1] == case["decode_steps"]
     for t, p, exp in zip(tokens, probs, expected):

@@ -21,6 +21,7 @@ import zlib
 
 import pytest
 
+from nxtp_minimal import inference
 import nxtp_minimal
 from conftest import FIXTURES, REPO
 from nxtp_minimal import load_demo
@@ -142,7 +143,7 @@ def test_step_view_shows_each_branch_as_the_sampler_grew_it(llama_tokenizer):
     """Each row holds its branch's tokens up to the delimiter that stopped it (at the second token or later,
     sampling.one_shot), marked, then nothing; label and score are the ranking's (sampling.branch_labels)."""
     model = nxtp_minimal.load(FIXTURES / "tiny_nxtp.safetensors", tokenizer=llama_tokenizer.path)
-    tokens, probs, _ = model.sample(model.pixels(FIXTURES / "tiny_nxtp_image0.png"), 50)
+    tokens, probs, _ = inference.sample(model, inference.pixels(model, FIXTURES / "tiny_nxtp_image0.png"), 50)
     tok, (tokens, probs) = model.tokenizer, (tokens[0], probs[0])
     rows = re.findall(r"<tr><td>\d+</td>(.*?)</tr>", step_view(tok, tokens, probs))
     assert len(rows) == 50

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from nxtp_minimal import inference
 import nxtp_minimal
 from conftest import FIXTURES, REPO, fixture_tensors, llama_tokenizer_path
 from nxtp_minimal import sampling
@@ -46,7 +47,7 @@ def model(device):
 def test_ids_scores_and_branches(model, device, case, fast):
     key = image_key(case["image"])
     pixels = T[f"{key}.pixels"]
-    tokens, probs, first = model.sample(pixels, case["k"], case["prompt_token_ids"], DELIMITER, fast=fast)
+    tokens, probs, first = inference.sample(model, pixels, case["k"], case["prompt_token_ids"], DELIMITER, fast=fast)
     tokens, probs = tokens.cpu(), probs.cpu()
     torch.testing.assert_close(first.cpu(), T[f"{key}.first_logits"], rtol=0, atol=1e-4)
     official = T[f"{key}.k{case['k']}.branch_tokens"]
@@ -69,7 +70,7 @@ def test_prefix_embeddings(model):
 
 def test_png_preprocessing_matches_case_pixels(model):
     for name in ("image0", "image1"):
-        assert torch.equal(model.pixels(FIXTURES / f"tiny_nxtp_{name}.png")[0], T[f"{name}.pixels"][0])
+        assert torch.equal(inference.pixels(model, FIXTURES / f"tiny_nxtp_{name}.png")[0], T[f"{name}.pixels"][0])
 
 
 @pytest.fixture(scope="module")

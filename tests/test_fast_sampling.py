@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from nxtp_minimal import inference
 import nxtp_minimal
 from conftest import FIXTURES, fixture_tensors
 from nxtp_minimal import cache, sampling
@@ -26,7 +27,7 @@ def model(device):
 
 
 def labels(model, pixels, k, fast):
-    tokens, probs, _ = model.sample(pixels, k, PROMPT, DELIMITER, fast=fast)
+    tokens, probs, _ = inference.sample(model, pixels, k, PROMPT, DELIMITER, fast=fast)
     return [dict((tuple(ids), s) for ids, s in sampling.branch_labels(t, p, DELIMITER)) for t, p in zip(tokens, probs)]
 
 
@@ -51,14 +52,14 @@ def test_fast_predict_equals_reference_text(llama_tokenizer):
 
 def test_finished_branches_leave_the_batch(model):
     # per image, a step feeds as many rows as that batch's busiest image has live branches
-    sampler = model.cached_sampler(INPUTS["batch2"], 5, PROMPT)
-    fed, append = [], sampler.append
+    sampler = model.sampler(INPUTS["batch2"], 5, PROMPT)
+    fed, append = [], sampler.engine.append
 
     def counting_append(tokens, position, mask, columns):
         fed.append(tokens.shape)
         return append(tokens, position, mask, columns)
 
-    sampler.append = counting_append
+    sampler.engine.append = counting_append
     lives = []
 
     def step(tokens, live):

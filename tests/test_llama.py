@@ -41,17 +41,28 @@ def test_rope_table_and_rotation():
     torch.testing.assert_close(apply_rope(T["rope.k"], cos, sin), T["rope.k_rotated"], rtol=1e-4, atol=1e-4)
 
 
+def test_rope_table_is_built_once_in_float32_on_the_weights_device(device):
+    # the decoder indexes its own table by position (no table per call): it must be the official one,
+    # stay float32 when the weights are cast, and follow the weights to the device
+    model = decoder(device, torch.float32).to(torch.bfloat16)
+    assert model.rope_cos.dtype == torch.float32 and model.rope_cos.device == model.output.weight.device
+    assert model.rope_cos.shape[0] == 2 * model.config.max_seq_len
+    table = torch.stack([model.rope_cos[:128], model.rope_sin[:128]], -1).cpu()
+    torch.testing.assert_close(table, T["rope.freqs_cos_sin"], rtol=1e-5, atol=1e-5)
+    assert "rope_cos" not in model.state_dict()  # computed from the config, never read from a file
+
+
 @DTYPES
 def test_causal_blocks_and_logits(device, dtype, tol):
     model = decoder(device, dtype)
     tokens = T["causal.tokens"].to(device)
-    mask = masks.causal_mask(tokens.shape[1]).to(device)
+    mask = masks.causal_mask(tokens.shape[1], device)
+    bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, float("-inf"))
     with torch.no_grad():
         h = model.tok_embeddings(tokens)
-        cos, sin = rope_table(16, tokens.shape[1])
-        cos, sin = cos.to(device), sin.to(device)
+        cos, sin = rope_table(16, tokens.shape[1], device=device)
         for i, layer in enumerate(model.layers):
-            h = layer(h, cos, sin, mask)
+            h, _ = layer(h, cos, sin, bias)
             torch.testing.assert_close(h.float().cpu(), T[f"causal.layer_output.{i}"], rtol=tol, atol=tol)
         logits = model(tokens, mask)
     torch.testing.assert_close(logits.float().cpu(), T["causal.logits"], rtol=tol, atol=tol)

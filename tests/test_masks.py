@@ -1,4 +1,5 @@
-"""Attention masks equal the official ones exactly (same 0 / -inf pattern)."""
+"""Attention masks equal the official ones exactly: True (may attend) exactly where the official additive
+mask holds 0, False where it holds -inf."""
 
 import json
 
@@ -15,23 +16,23 @@ DELIMITER, ANSWER = META["delimiter_id"], META["answer_id"]
 
 
 def test_causal_mask():
-    assert torch.equal(masks.causal_mask(L["causal.mask"].shape[-1]), L["causal.mask"])
+    assert torch.equal(masks.causal_mask(L["causal.mask"].shape[-1]), L["causal.mask"] == 0)
 
 
 def test_prefix_mask():
     S = L["prefix.mask"].shape[-1]
-    assert torch.equal(masks.prefix_mask(S, META["n_image_tokens"]), L["prefix.mask"])
+    assert torch.equal(masks.prefix_mask(S, META["n_image_tokens"]), L["prefix.mask"] == 0)
 
 
 def test_label_mask_llama_case():
     got = masks.label_mask(L["train.input_tokens"], META["n_image_tokens"], ANSWER, DELIMITER)
-    assert torch.equal(got, L["train.mask"])
+    assert torch.equal(got, L["train.mask"] == 0)
 
 
 def test_label_mask_train_case(cases):
     t = fixture_tensors("train_case.safetensors")
     got = masks.label_mask(t["input_tokens_objs"], cases["train"]["n_image_tokens"], ANSWER, DELIMITER)
-    assert torch.equal(got, t["mask"])
+    assert torch.equal(got, t["mask"] == 0)
 
 
 def test_label_mask_without_labels_is_the_prefix_mask():
@@ -70,7 +71,7 @@ def test_label_mask_with_mixed_templates_takes_the_last_rows_answer(llama_tokeni
     tokens, _ = training_batch(llama_tokenizer, templates, labels, n_image, 40)
     input_tokens = torch.cat([tokens.new_full((3, n_image), -1), tokens], dim=1)
     got = masks.label_mask(input_tokens, n_image, llama_tokenizer.answer_id, llama_tokenizer.delimiter_id)
-    assert torch.equal(got, official_label_mask(input_tokens, n_image, ANSWER, DELIMITER))
+    assert torch.equal(got, official_label_mask(input_tokens, n_image, ANSWER, DELIMITER) == 0)
     # the quirk matters for this batch: alone, the first row would get another mask
     alone = masks.label_mask(input_tokens[:1], n_image, ANSWER, DELIMITER)
     assert not torch.equal(got[:1], alone)

@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 
+from nxtp_minimal import inference
 import nxtp_minimal
 from nxtp_minimal import sampling
 
@@ -61,7 +62,7 @@ def test_starbux_top20_matches_the_published_list(device):
     tok = model.tokenizer
     # One run of 25 branches: branches are the top-k first tokens in order and decode independently,
     # so the first 20 are exactly the official top-20 run.
-    tokens, probs, _ = model.sample(model.pixels(image), k=25)
+    tokens, probs, _ = inference.sample(model, inference.pixels(model, image), k=25)
     delimiter = tok.decode([tok.delimiter_id])
 
     def ranked(n):

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from nxtp_minimal import inference
 import nxtp_minimal
 from conftest import FIXTURES, REPO, fixture_tensors, llama_tokenizer_path
 from nxtp_minimal import sampling
@@ -65,8 +66,8 @@ def ranked_branches(tokens, probs):
 
 def check_against_torch_and_official(engine, model, pixels, k, official):
     """official: per image, (label ids highest first, their scores). Returns the first-step logits."""
-    tokens, probs, first = engine.sample(pixels, k, PROMPT, DELIMITER)
-    ref_tokens, ref_probs, ref_first = model.sample(pixels, k, PROMPT, DELIMITER)
+    tokens, probs, first = inference.sample(engine, pixels, k, PROMPT, DELIMITER)
+    ref_tokens, ref_probs, ref_first = inference.sample(model, pixels, k, PROMPT, DELIMITER)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(probs, ref_probs, rtol=0, atol=1e-4)
     torch.testing.assert_close(first, ref_first, rtol=0, atol=1e-4)
@@ -132,8 +133,8 @@ def test_bench_exports_the_same_model(tmp_path):
     assert [(r["preset"], r["engine"], r["k"]) for r in rows] == [("tiny", "onnx", 3)]
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     args = (pixels, 3, bench.PROMPT_IDS, bench.NEVER)
-    tokens, probs, first = OnnxNXTP(tmp_path).sample(*args, max_tokens=4)
-    ref_tokens, ref_probs, ref_first = bench.build("tiny", "cpu", torch.float32).sample(*args, max_tokens=4)
+    tokens, probs, first = inference.sample(OnnxNXTP(tmp_path), *args, max_tokens=4)
+    ref_tokens, ref_probs, ref_first = inference.sample(bench.build("tiny", "cpu", torch.float32), *args, max_tokens=4)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(probs, ref_probs, rtol=0, atol=1e-4)
     torch.testing.assert_close(first, ref_first, rtol=0, atol=1e-4)

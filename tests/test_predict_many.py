@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO
+from nxtp_minimal import inference
 from nxtp_minimal import load_demo, load_image, preprocess
 from nxtp_minimal.tools import cli, predict
 from nxtp_minimal.training.scenes import scene
@@ -339,7 +340,7 @@ def test_attention_maps(capsys, demo, tmp_path):
     pixels = torch.stack([preprocess(load_image(p), 64) for p in paths])
     for path, (ranked, maps) in zip(paths, predict.label_batch(demo, pixels, K, attention=True)):
         assert ranked == [(lab, pytest.approx(p, abs=1e-5)) for lab, p in demo.predict(path, k=K)[0]]
-        reference = demo.attention_maps(path, [label for label, _ in ranked])
+        reference = inference.attention_maps(demo, path, [label for label, _ in ranked])
         assert list(maps) == list(reference)
         for label in reference:
             torch.testing.assert_close(maps[label], reference[label], atol=1e-5, rtol=0)

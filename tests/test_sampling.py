@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from nxtp_minimal import inference
 import nxtp_minimal
 from conftest import REPO
 from nxtp_minimal import sampling
@@ -102,15 +103,15 @@ def test_split_labels():
 def test_cached_decoders_equal_the_recomputing_loop():
     # the cache (fast path, beam search reordering its branch slots) gives the official loop's tokens
     model = nxtp_minimal.load_demo()
-    pixels = model.pixels(sorted((REPO / "lessons" / "images").glob("scene_*.png")))
+    pixels = inference.pixels(model, sorted((REPO / "lessons" / "images").glob("scene_*.png")))
     eos = model.tokenizer.eos_id
     for k in (1, 3):
-        first, step = model.start_sampling(pixels, k, fast=False, max_tokens=12)
-        reference = sampling.beam(first, step, k, eos, 12)
-        sampler = model.cached_sampler(pixels, k, steps=11)
+        official = inference.ReferenceSampler(model, pixels, k)
+        reference = sampling.beam(official.first, official.step, k, eos, 12)
+        sampler = model.sampler(pixels, k, steps=11)
         assert torch.equal(sampling.beam(sampler.first, sampler.step, k, eos, 12, sampler.reorder), reference)
-    first, step = model.start_sampling(pixels, 1, fast=False, max_tokens=12)
-    reference = sampling.one_shot(first, step, 1, eos, 12)[0][:, 0]
+    official = inference.ReferenceSampler(model, pixels, 1)
+    reference = sampling.one_shot(official.first, official.step, 1, eos, 12)[0][:, 0]
     tok = model.tokenizer
     expected = [sampling.split_labels(t.tolist(), tok.delimiter_id, eos, tok.decode) for t in reference]
-    assert model.decode_list(pixels, "greedy", max_tokens=12) == expected
+    assert inference.decode_list(model, pixels, "greedy", max_tokens=12) == expected

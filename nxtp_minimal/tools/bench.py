@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .. import sampling
+from .. import inference, sampling
 from ..config import LanguageConfig, NXTPConfig, VisionConfig, released
 from ..model import NXTP
 from ..weights.format import load_demo
@@ -89,14 +89,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed_run(model, pixels, k, steps, fast, device, prompt_ids):
-    """(prefix seconds incl. the image encoder, mean seconds per decode step, total seconds)."""
+def timed_run(model, pixels, k, steps, fast, device, prompt_ids, decode="dynamic"):
+    """(prefix seconds incl. the image encoder, mean seconds per decode step, total seconds).
+
+    fast=False: the official loop; else the cached sampler of `decode` (see inference.sample).
+    """
     sync(device)
     t0 = time.perf_counter()
-    first, step = model.start_sampling(pixels, k, prompt_ids, fast=fast, max_tokens=steps + 1)
+    if not fast:
+        sampler, loop = inference.ReferenceSampler(model, pixels, k, prompt_ids), sampling.one_shot
+    elif decode == "static":
+        sampler, loop = model.static_sampler(pixels, k, prompt_ids, steps), sampling.one_shot_fixed
+    else:
+        sampler, loop = model.sampler(pixels, k, prompt_ids, steps), sampling.one_shot
     sync(device)
     t1 = time.perf_counter()
-    sampling.one_shot(first, step, k, NEVER, max_tokens=steps + 1)
+    loop(sampler.first, sampler.step, k, NEVER, max_tokens=steps + 1)
     sync(device)
     t2 = time.perf_counter()
     return t1 - t0, (t2 - t1) / steps, t2 - t0
@@ -106,26 +114,35 @@ def export(preset, dtype, directory, prompt_ids):
     onnx_engine.export(build(preset, "cpu", dtype), directory, prompt_ids)
 
 
-def fast_rows(model, engine, images, ks, steps, batches, repeats, device, prompt_ids):
-    """The cached loop of `model` (NXTP or onnx_engine.OnnxNXTP): one dict per (batch, k)."""
-    timed_run(model, images[:1], min(ks), 1, True, device, prompt_ids)  # warm-up: kernels, allocator, caches
+def fast_rows(model, engine, images, ks, steps, batches, repeats, device, prompt_ids, decodes=("dynamic",)):
+    """The cached loop of `model` (NXTP or onnx_engine.OnnxNXTP): one dict per (decode, batch, k).
+
+    Warm-ups are not timed: one run first (kernels, allocator, caches), and for the static sampler one
+    run of each shape, which captures its graph.
+    """
     rows = []
-    for batch in batches:
-        pixels = images[:batch]
-        for k in ks:
-            with PeakMemory(device) as memory:
-                runs = sorted(timed_run(model, pixels, k, steps, True, device, prompt_ids) for _ in range(repeats))
-            prefix, step, total = runs[len(runs) // 2]
-            rows.append(dict(engine=engine, batch=batch, k=k, steps=steps, fast_prefix_s=prefix, fast_step_s=step,
-                             fast_s=total, images_per_s=batch / total, fast_peak_mb=memory.mb, reference_s=None,
-                             ratio=None))
+    for decode in decodes:
+        timed_run(model, images[:1], min(ks), 1, True, device, prompt_ids, decode)
+        for batch in batches:
+            pixels = images[:batch]
+            for k in ks:
+                if decode == "static":
+                    timed_run(model, pixels, k, steps, True, device, prompt_ids, decode)
+                with PeakMemory(device) as memory:
+                    runs = sorted(timed_run(model, pixels, k, steps, True, device, prompt_ids, decode)
+                                  for _ in range(repeats))
+                prefix, step, total = runs[len(runs) // 2]
+                rows.append(dict(engine=engine, decode=decode, batch=batch, k=k, steps=steps, fast_prefix_s=prefix,
+                                 fast_step_s=step, fast_s=total, images_per_s=batch / total, fast_peak_mb=memory.mb,
+                                 reference_s=None, ratio=None))
     return rows
 
 
 def run(preset, ks, steps, device="cpu", dtype=torch.float32, reference=True, repeats=1, batches=(1,),
-        engines=("torch",), onnx_dir=None):
+        engines=("torch",), onnx_dir=None, decodes=None):
     """One dict per (engine, batch, k). For `full` the reference loop runs one step and is extrapolated to `steps`.
 
+    decodes: "dynamic" and/or "static" for the PyTorch engine (default: the device's, inference.default_decode).
     engines: "torch" and/or "onnx"; onnx exports the model to onnx_dir (default: a temporary folder) after
     the PyTorch rows, and onnxruntime loads the graphs once the PyTorch model is gone.
     """
@@ -140,7 +157,8 @@ def run(preset, ks, steps, device="cpu", dtype=torch.float32, reference=True, re
     images = torch.randn(max(batches), 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     if "torch" in engines:
-        rows = fast_rows(model, "torch", images, ks, steps, batches, repeats, device, prompt_ids)
+        decodes = decodes or [inference.default_decode(device)]
+        rows = fast_rows(model, "torch", images, ks, steps, batches, repeats, device, prompt_ids, decodes)
     if reference and rows:
         extrapolate = preset == "full"  # one official step at k=20 pushes 20 x 265 tokens: ~80 s here
         for row in rows:
@@ -169,12 +187,12 @@ def run(preset, ks, steps, device="cpu", dtype=torch.float32, reference=True, re
 
 
 def table(rows) -> str:
-    head = f"{'preset':>6} {'engine':>6} {'batch':>5} {'k':>4} {'steps':>5} | {'prefix s':>9} {'step s':>8} "
+    head = f"{'preset':>6} {'engine':>6} {'decode':>7} {'batch':>5} {'k':>4} {'steps':>5} | {'prefix s':>9} {'step s':>8} "
     head += f"{'total s':>8} {'images/s':>9} {'peak MB':>8} | "
     head += f"{'ref prefix':>10} {'ref step':>9} {'ref total':>10} | {'ratio':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        line = f"{r['preset']:>6} {r['engine']:>6} {r['batch']:>5} {r['k']:>4} {r['steps']:>5} | "
+        line = f"{r['preset']:>6} {r['engine']:>6} {r['decode']:>7} {r['batch']:>5} {r['k']:>4} {r['steps']:>5} | "
         line += f"{r['fast_prefix_s']:9.3f} {r['fast_step_s']:8.3f} {r['fast_s']:8.3f} {r['images_per_s']:9.1f} "
         line += f"{r['fast_peak_mb']:8.0f} | "
         if r["reference_s"] is None:
@@ -203,6 +221,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-reference", action="store_true", help="time only the cached loop")
     p.add_argument("--engine", nargs="+", choices=["torch", "onnx"], default=["torch"],
                    help="run the cached loop in PyTorch and/or exported to onnxruntime (needs pip install -e .[onnx])")
+    p.add_argument("--decode", nargs="+", choices=inference.DECODES,
+                   help="PyTorch sampler: dynamic shapes (the CPU default) and/or static shapes, captured as a CUDA "
+                        "graph on a GPU (the GPU default); one set of rows each")
     p.add_argument("--onnx", help="keep the ONNX export in this folder (default: a temporary one)")
     p.add_argument("--json", action="store_true", help="one JSON object per row instead of the table")
     args = p.parse_args(argv)
@@ -210,9 +231,9 @@ def main(argv=None) -> None:
         raise ValueError("--steps, --top-k, --batch and --repeats must be at least 1")
     rows = run(args.preset, args.top_k, args.steps, check_device(args.device), DTYPES[args.dtype],
                reference=not args.no_reference, repeats=args.repeats, batches=args.batch, engines=args.engine,
-               onnx_dir=args.onnx)
+               onnx_dir=args.onnx, decodes=args.decode)
     if args.json:
-        keys = ("preset", "engine", "batch", "k", "steps", "fast_s", "images_per_s", "reference_s", "ratio",
+        keys = ("preset", "engine", "decode", "batch", "k", "steps", "fast_s", "images_per_s", "reference_s", "ratio",
                 "fast_peak_mb")
         for r in rows:
             print(json.dumps({key: r[key] for key in keys} | {"device": args.device, "dtype": args.dtype}))

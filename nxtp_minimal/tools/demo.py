@@ -1,6 +1,6 @@
 """`python -m nxtp_minimal demo`: a Gradio page where one-shot sampling can be watched on any image.
 
-One request is one `model.sample(..., attention=True)` call: the ranked labels, the step view (the k
+One request is one `inference.sample(..., attention=True)` call: the ranked labels, the step view (the k
 branches growing token by token) and the label-conditioned attention overlays all come from it. The
 API endpoint `/predict` answers with the list `predict --json` prints. Nothing reaches the internet (no
 analytics, no share link, system fonts), so the page works offline like the rest of the repo.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import sampling
+from .. import inference, sampling
 from ..preprocess import MAX_PIXELS, load_image, resize_and_crop
 from ..training.scenes import LABELS
 from .errors import DTYPES, USER_ERRORS, UserError, check_device, message
@@ -103,11 +103,11 @@ def step_view(tokenizer, tokens, probs) -> str:
 def analyse(model, image, k: int):
     """Everything the page shows for one image, from one `sample` call: labels, step view, overlays, timing."""
     start = time.perf_counter()
-    tokens, probs, _, attention = model.sample(model.pixels(image), k, attention=True)
+    tokens, probs, _, attention = inference.sample(model, inference.pixels(model, image), k, attention=True)
     sampled = time.perf_counter() - start
     tokens, probs, attention = tokens[0].cpu(), probs[0].cpu(), attention[0].float().cpu()
-    ranked = model.rank(tokens, probs)
-    maps = model.label_maps(tokens, probs, attention)
+    ranked = inference.rank(model, tokens, probs)
+    maps = inference.label_maps(model, tokens, probs, attention)
     crop = resize_and_crop(image, OVERLAY_SIZE)  # the square the model sees
     overlays = [
         ((heat_on_image(crop, maps[label].mean(dim=(0, 1))) * 255).round().astype(np.uint8), f"{label}  {p:.2f}")

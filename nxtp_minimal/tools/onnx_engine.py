@@ -14,8 +14,8 @@ model is past protobuf's 2 GB limit), and `nxtp.json`, which holds what a runner
 
 step.onnx returns only the new keys and values, which the runner writes into its cache at `columns`:
 returning the whole updated cache instead copies all of it out of onnxruntime at every step (see README,
-"ONNX"). RoPE angles are computed inside the graphs from the positions; masks and columns come from
-`cache.plan_step`, as for the PyTorch decoder. The official export (kaiyuyue/nxtp src/onnx_engine.py)
+"ONNX"). Both decoder graphs run `Decoder.blocks`, the PyTorch decoder's own code, with the rotary table
+inside them; masks and columns come from `cache.plan_step`, as for the PyTorch decoder. The official export (kaiyuyue/nxtp src/onnx_engine.py)
 has no cache: its decoder graph re-runs the whole sequence of every branch at every step.
 """
 
@@ -33,9 +33,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .. import cache, masks, sampling
+from .. import cache, inference, masks, sampling
 from ..config import NXTPConfig
-from ..llama import rope_table
 from ..model import NXTP
 from ..tokenizer import Tokenizer
 from .errors import DTYPES, UserError, check_exists
@@ -73,19 +72,6 @@ class _GraphCache(cache.KVCache):
         return super().append(k, v, columns)
 
 
-def _blocks(decoder, h, mask, positions, caches, columns=None):
-    """The decoder's blocks and final norm, [B, S, D] -> [B, S, D].
-
-    Decoder.forward checks the RoPE position range in Python, which a traced graph cannot do with
-    positions that are a graph input; the angles come from the positions themselves, so no table limits them.
-    """
-    c = decoder.config
-    cos, sin = rope_table(c.head_dim, positions, c.rope_theta)
-    for layer, kv in zip(decoder.layers, caches):
-        h = layer(h, cos, sin, mask, kv, columns)
-    return decoder.norm(h)
-
-
 class Vision(nn.Module):
     def __init__(self, model: NXTP):
         super().__init__()
@@ -105,7 +91,7 @@ class Prefill(nn.Module):
         x = torch.cat([image, text], dim=1)  # [B, L, D], as NXTP.prefix
         caches = [_GraphCache() for _ in self.decoder.layers]
         L = x.shape[1]
-        h = _blocks(self.decoder, x, masks.prefix_mask(L, self.n_image), torch.arange(L), caches)
+        h, _ = self.decoder.blocks(x, torch.arange(L), masks.prefix_mask(L, self.n_image), caches)
         # [:, -1:] keeps h 3-D, so the output layer exports as in step.onnx and its weights are stored once
         logits = self.decoder.output(h[:, -1:])[:, 0]  # [B, V]
         return logits, [c.new[0] for c in caches], [c.new[1] for c in caches]
@@ -118,7 +104,7 @@ class Step(nn.Module):
 
     def forward(self, tokens, positions, mask, columns, keys, values):
         caches = [_GraphCache(k.clone(), v.clone()) for k, v in zip(keys, values)]
-        h = _blocks(self.decoder, self.decoder.tok_embeddings(tokens), mask, positions, caches, columns)
+        h, _ = self.decoder.blocks(self.decoder.tok_embeddings(tokens), positions, mask, caches, columns)
         return self.decoder.output(h), [c.new[0] for c in caches], [c.new[1] for c in caches]
 
 
@@ -288,53 +274,48 @@ class OnnxNXTP:
             raise ValueError(f"{directory}: the tokenizer gives {self.tokenizer.n_words} ids, the graphs "
                              f"{lang.vocab_size}; export the model again")
 
-    # the text side is the PyTorch model's: these methods use only `config` and `tokenizer`
-    _need_tokenizer = NXTP._need_tokenizer
-    pixels = NXTP.pixels
-    rank = NXTP.rank
+    # the text side is the PyTorch model's (inference.py): it uses only `config`, `tokenizer`, `sampler`
+    device = torch.device("cpu")
+    need_tokenizer = NXTP.need_tokenizer
+    prompt_ids = NXTP.prompt_ids
 
-    def start_sampling(self, pixels, k: int, prompt_ids=None, fast=True, max_tokens=sampling.MAX_TOKENS):
-        """(first-step logits [B, V], step function) for `sampling.one_shot`, as `NXTP.start_sampling`."""
-        if not fast:
-            raise ValueError("the ONNX graphs run the cached loop only (fast=True)")
+    def sampler(self, pixels, k: int, prompt_ids=None, steps=sampling.MAX_TOKENS - 1, attention=False):
+        """A `cache.CachedSampler` over the graphs, as `NXTP.sampler`."""
+        if attention:
+            raise UserError("the ONNX graphs do not return attention: use the PyTorch model for attention maps")
         prompt_ids = self.prompt if prompt_ids is None else prompt_ids
         if prompt_ids is None:
             raise ValueError("this export has no tokenizer, so give prompt ids (or export with --tokenizer)")
-        image = self.vision.run(None, {"pixels": self.pixels(pixels).float().numpy()})[0]
+        image = self.vision.run(None, {"pixels": inference.pixels(self, pixels).float().numpy()})[0]
         first, *kv = self.prefill.run(None, {"image": image, "prompt": np.asarray(prompt_ids, dtype=np.int64)})
-        B, H, L, hd = kv[0].shape
-        k_T = k * (max_tokens - 1)
-        cache_kv = [np.concatenate([x, np.zeros((B, H, k_T, hd), x.dtype)], axis=2) for x in kv]
-        names, images = _names("", len(kv) // 2), np.arange(B)[:, None]
-
-        def append(tokens, position, mask, columns):
-            feed = dict(tokens=tokens.numpy(), positions=np.full(tokens.shape[1], position), mask=mask.numpy(),
-                        columns=columns.numpy())
-            logits, *new = self.step.run(None, feed | dict(zip(names, cache_kv)))
-            for c, x in zip(cache_kv, new):
-                c[images, :, feed["columns"]] = x.transpose(0, 2, 1, 3)  # [B, m, H, hd] at its columns
-            return torch.from_numpy(logits)
-
-        sampler = cache.CachedSampler(B, L, k, max_tokens - 1, lambda: torch.from_numpy(first), append)
-        return sampler.first, sampler.step
-
-    def sample(self, pixels, k: int, prompt_ids=None, delimiter_id=None, max_tokens=sampling.MAX_TOKENS,
-               attention=False):
-        """Branch tokens and probabilities [B, k, T] plus the first-step logits [B, V], as `NXTP.sample`."""
-        if attention:
-            raise UserError("the ONNX graphs do not return attention: use the PyTorch model for attention maps")
-        delimiter_id = self.delimiter_id if delimiter_id is None else delimiter_id
-        first, step = self.start_sampling(pixels, k, prompt_ids, max_tokens=max_tokens)
-        tokens, probs = sampling.one_shot(first, step, k, delimiter_id, max_tokens)
-        if not torch.isfinite(probs).all():
-            raise ValueError("the ONNX graphs gave non-finite numbers (NaN or inf): export in float32 for the CPU")
-        return tokens, probs, first
+        B, _, L, _ = kv[0].shape
+        return cache.CachedSampler(B, L, k, steps, _OnnxEngine(self.step, first, kv, k * steps))
 
     def predict(self, images, k: int = 10) -> list:
         """For each image, a list of (label, probability), highest first, as `NXTP.predict`."""
-        self._need_tokenizer()
-        tokens, probs, _ = self.sample(self.pixels(images), k)
-        return [self.rank(t, p) for t, p in zip(tokens, probs)]
+        return inference.predict(self, images, k, decode="dynamic")
+
+
+class _OnnxEngine:
+    """step.onnx behind a `cache.CachedSampler`: the cache is one numpy array of keys and one of values
+    per block, [B, H, L + k * T, hd], which every step reads and writes at `columns`."""
+
+    def __init__(self, step, first, kv, slots):
+        B, H, _, hd = kv[0].shape
+        self.session, self.first = step, torch.from_numpy(first)
+        self.cache = [np.concatenate([x, np.zeros((B, H, slots, hd), x.dtype)], axis=2) for x in kv]
+        self.names, self.images = _names("", len(kv) // 2), np.arange(B)[:, None]
+
+    def prefill(self):
+        return self.first
+
+    def append(self, tokens, position, mask, columns):
+        feed = dict(tokens=tokens.numpy(), positions=np.full(tokens.shape[1], position), mask=mask.numpy(),
+                    columns=columns.numpy())
+        logits, *new = self.session.run(None, feed | dict(zip(self.names, self.cache)))
+        for c, x in zip(self.cache, new):
+            c[self.images, :, feed["columns"]] = x.transpose(0, 2, 1, 3)  # [B, m, H, hd] at its columns
+        return torch.from_numpy(logits)
 
 
 def main(argv=None) -> None:

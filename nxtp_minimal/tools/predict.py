@@ -22,6 +22,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from .. import inference
 from ..preprocess import load_image, preprocess, resize_and_crop
 from .dist import distributed, world_size
 from .errors import DTYPES, UserError, check_device, check_exists
@@ -168,18 +169,18 @@ def load_model(args, device: str, announce: bool = True):
     return model
 
 
-def label_batch(model, pixels, k: int, attention: bool = False) -> list:
-    """One `model.sample` call on pixels [B, 3, S, S]: per image (ranked [(label, prob)], maps), where maps
+def label_batch(model, pixels, k: int, attention: bool = False, decode: str = None) -> list:
+    """One `inference.sample` call on pixels [B, 3, S, S]: per image (ranked [(label, prob)], maps), where maps
     (attention=True, else None) gives each ranked label its attention [blocks, heads, grid, grid] from
-    that same call (`model.label_maps`)."""
-    out = model.sample(pixels, k, attention=attention)
+    that same call (`inference.label_maps`)."""
+    out = inference.sample(model, pixels, k, attention=attention, decode=decode)
     tokens, probs = out[0].cpu(), out[1].cpu()
     maps_of = out[3].float().cpu() if attention else None  # [B, k, T - 1, blocks, heads, grid, grid]
     results = []
     for b in range(tokens.shape[0]):
-        ranked, maps = model.rank(tokens[b], probs[b]), None
+        ranked, maps = inference.rank(model, tokens[b], probs[b]), None
         if attention:
-            every = model.label_maps(tokens[b], probs[b], maps_of[b])
+            every = inference.label_maps(model, tokens[b], probs[b], maps_of[b])
             maps = {label: every[label] for label, _ in ranked}
         results.append((ranked, maps))
     return results

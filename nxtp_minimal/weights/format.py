@@ -122,6 +122,7 @@ def load(weights_path, tokenizer=None, device="cpu", dtype=torch.float32) -> NXT
         tensors = {k: f.get_tensor(k).to(device=device, dtype=dtype) for k in f.keys()}
     check_state_dict(model, tensors, os.fspath(weights_path))
     model.load_state_dict(tensors, assign=True)
+    model.language_decoder.build_rope()  # not in the file (a buffer computed from the config): build it there
     return model.eval()
 
 
