@@ -38,10 +38,14 @@ class KVCache:
         return k, v
 
     def append(self, k, v, columns):
-        """Store new keys and values [B, H, m, hd] at `columns` [B, m]; the new queries see the whole row."""
+        """Store new keys and values [B, H, m, hd] at `columns` [B, m]; the new queries see the whole row.
+
+        Under autocast the projections give half-precision keys for a cache in the weights' dtype: they are
+        stored in the cache's dtype, as a recomputed sequence would hold them.
+        """
         index = columns[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-        self.keys.scatter_(2, index, k)
-        self.values.scatter_(2, index, v)
+        self.keys.scatter_(2, index, k.to(self.keys.dtype))
+        self.values.scatter_(2, index, v.to(self.values.dtype))
         return self.keys, self.values
 
     def reorder(self, parents):

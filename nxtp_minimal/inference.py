@@ -58,7 +58,7 @@ class ReferenceSampler:
 
 @torch.inference_mode()
 def sample(model, pixels, k: int, prompt_ids=None, delimiter_id=None, fast=True, max_tokens=sampling.MAX_TOKENS,
-           attention=False, decode=None):
+           attention=False, decode=None, autocast=None):
     """Branch tokens and probabilities [B, k, T] plus the first-step logits [B, V].
 
     Ids can be given instead of read from the tokenizer, so the port can be checked without it.
@@ -66,11 +66,19 @@ def sample(model, pixels, k: int, prompt_ids=None, delimiter_id=None, fast=True,
     (cache.StaticSampler, captured on CUDA); default by device, see `default_decode`.
     attention=True (dynamic sampler) adds a fourth result: per branch, the attention of each of its
     tokens to the image patches, [B, k, T - 1, blocks, heads, grid, grid] (see `label_maps`).
+    autocast: a half-precision dtype to run the network under torch.autocast, the official regime
+    (kaiyuyue/nxtp src/infer.py: float16 weights under float16 autocast on a GPU).
     """
     delimiter_id = model.need_tokenizer().delimiter_id if delimiter_id is None else delimiter_id
     decode = default_decode(model.device) if decode is None else decode
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
+    # no cast cache: a captured CUDA graph must not point at casts freed when the context ends
+    with torch.autocast(torch.device(model.device).type, autocast, enabled=autocast is not None, cache_enabled=False):
+        return _sample(model, pixels, k, prompt_ids, delimiter_id, fast, max_tokens, attention, decode)
+
+
+def _sample(model, pixels, k, prompt_ids, delimiter_id, fast, max_tokens, attention, decode):
     if fast and decode == "static" and not attention:
         sampler = model.static_sampler(pixels, k, prompt_ids, max_tokens - 1)
         tokens, probs = sampling.one_shot_fixed(sampler.first, sampler.step, k, delimiter_id, max_tokens)
@@ -89,14 +97,14 @@ def sample(model, pixels, k: int, prompt_ids=None, delimiter_id=None, fast=True,
     return tokens, probs, sampler.first, sampler.engine.attention.unflatten(-1, (grid, grid))
 
 
-def predict(model, images, k: int = 10, fast: bool = True, decode: str = None) -> list:
+def predict(model, images, k: int = 10, fast: bool = True, decode: str = None, autocast=None) -> list:
     """For each image, a list of (label, probability), highest first.
 
     images: a PIL image, a file path, a list of those, or preprocessed pixels [B, 3, S, S].
     fast=False runs the official recompute-everything loop (same answers, much slower).
     """
     model.need_tokenizer()
-    tokens, probs, _ = sample(model, pixels(model, images), k, fast=fast, decode=decode)
+    tokens, probs, _ = sample(model, pixels(model, images), k, fast=fast, decode=decode, autocast=autocast)
     return [rank(model, t, p) for t, p in zip(tokens, probs)]
 
 

@@ -85,9 +85,9 @@ class NXTP(nn.Module):
                 self._static.capture()
         return self._static.prefill(x, masks.prefix_mask(x.shape[1], self.config.vision.n_patches, x.device))
 
-    def predict(self, images, k: int = 10, fast: bool = True, decode: str = None) -> list:
+    def predict(self, images, k: int = 10, fast: bool = True, decode: str = None, autocast=None) -> list:
         """For each image, a list of (label, probability), highest first (see `inference.predict`)."""
-        return inference.predict(self, images, k, fast, decode)
+        return inference.predict(self, images, k, fast, decode, autocast)
 
     # --- training objective (NXTP step 3) ---
 

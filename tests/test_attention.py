@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from nxtp_minimal import inference
-import nxtp_minimal
-from nxtp_minimal import masks
-from nxtp_minimal.training import scenes
-from nxtp_minimal.config import LanguageConfig
-from nxtp_minimal.training.evaluate import HELD_OUT_SEED
-from nxtp_minimal.llama import Decoder
 from test_convert import DIM, HEADS, HIDDEN, VOCAB, meta_from_hf, perturb
+
+import nxtp_minimal
+from nxtp_minimal import inference, masks
+from nxtp_minimal.config import LanguageConfig
+from nxtp_minimal.llama import Decoder
+from nxtp_minimal.training import scenes
+from nxtp_minimal.training.evaluate import HELD_OUT_SEED
 
 SCENES = (0, 7, 1043)  # held-out scenes with 1, 3 and 4 objects, one- and two-word labels
 

@@ -20,3 +20,14 @@ def test_bench_tiny_json():
         assert r["fast_s"] > 0 and r["reference_s"] > 0 and r["fast_peak_mb"] > 0
         assert r["ratio"] == r["reference_s"] / r["fast_s"]
         assert r["images_per_s"] == r["batch"] / r["fast_s"]
+
+
+def test_bench_times_both_decodes_under_autocast():
+    out = subprocess.run(
+        [sys.executable, "-m", "nxtp_minimal", "bench", "--preset", "tiny", "--top-k", "3", "--steps", "2",
+         "--decode", "dynamic", "static", "--autocast", "bfloat16", "--no-reference", "--json"],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    )
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["decode"], r["k"], r["autocast"]) for r in rows] == [("dynamic", 3, "bfloat16"), ("static", 3, "bfloat16")]
+    assert all(r["fast_s"] > 0 and r["reference_s"] is None for r in rows)

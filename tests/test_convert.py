@@ -18,16 +18,15 @@ import zipfile
 
 import pytest
 import torch
+from conftest import FIXTURES, REPO, fixture_tensors
+from make_synthetic_official import save_clip, save_torchscript, split
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from nxtp_minimal import inference
 import nxtp_minimal
-from conftest import FIXTURES, REPO, fixture_tensors
-from make_synthetic_official import save_clip, save_torchscript, split
-from nxtp_minimal import masks, sampling
-from nxtp_minimal.weights import convert_llama
+from nxtp_minimal import inference, masks, sampling
 from nxtp_minimal.tools.cli import main
+from nxtp_minimal.weights import convert_llama
 from nxtp_minimal.weights.convert_clip import read_torchscript
 
 TINY = FIXTURES / "tiny_nxtp.safetensors"

@@ -20,13 +20,12 @@ import urllib.request
 import zlib
 
 import pytest
-
-from nxtp_minimal import inference
-import nxtp_minimal
 from conftest import FIXTURES, REPO
-from nxtp_minimal import load_demo
-from nxtp_minimal.tools.demo import step_view
+
+import nxtp_minimal
+from nxtp_minimal import inference, load_demo
 from nxtp_minimal.sampling import branch_labels
+from nxtp_minimal.tools.demo import step_view
 
 pytest.importorskip("gradio", reason="the demo extra is not installed (pip install -e .[demo])")
 client_lib = pytest.importorskip("gradio_client", reason="pip install -r requirements-dev.txt")

@@ -9,11 +9,10 @@ import sys
 
 import pytest
 import torch
-
-from nxtp_minimal import inference
-import nxtp_minimal
 from conftest import FIXTURES, REPO, fixture_tensors, llama_tokenizer_path
-from nxtp_minimal import sampling
+
+import nxtp_minimal
+from nxtp_minimal import inference, sampling
 
 TINY = FIXTURES / "tiny_nxtp.safetensors"
 T = fixture_tensors("tiny_nxtp_cases.safetensors")
@@ -42,18 +41,20 @@ def model(device):
     return nxtp_minimal.load(TINY, device=device)
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+@pytest.mark.parametrize("loop", ["dynamic", "static", "reference"])
 @pytest.mark.parametrize("case", SINGLE, ids=case_id)
-def test_ids_scores_and_branches(model, device, case, fast):
+def test_ids_scores_and_branches(model, device, case, loop):
     key = image_key(case["image"])
     pixels = T[f"{key}.pixels"]
-    tokens, probs, first = inference.sample(model, pixels, case["k"], case["prompt_token_ids"], DELIMITER, fast=fast)
+    fast, decode = loop != "reference", "static" if loop == "static" else "dynamic"
+    tokens, probs, first = inference.sample(model, pixels, case["k"], case["prompt_token_ids"], DELIMITER, fast=fast,
+                                            decode=decode)
     tokens, probs = tokens.cpu(), probs.cpu()
     torch.testing.assert_close(first.cpu(), T[f"{key}.first_logits"], rtol=0, atol=1e-4)
     official = T[f"{key}.k{case['k']}.branch_tokens"]
     assert official[:, :8].tolist() == [case["prompt_token_ids"]] * case["k"]
     assert tokens.shape[-1] == case["decode_steps"]
-    if not fast:  # the official loop keeps decoding finished branches; the fast one drops them
+    if loop != "dynamic":  # the official loop keeps decoding finished branches, as the static one does
         assert torch.equal(tokens[0], official[:, 8:])
         torch.testing.assert_close(probs[0], T[f"{key}.k{case['k']}.branch_probs"], rtol=0, atol=1e-5)
     for ours, theirs in zip(tokens[0].tolist(), official[:, 8:].tolist()):

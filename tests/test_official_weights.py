@@ -14,9 +14,8 @@ import os
 import pytest
 import torch
 
-from nxtp_minimal import inference
 import nxtp_minimal
-from nxtp_minimal import sampling
+from nxtp_minimal import inference, sampling
 
 # The official README's "Inference" section: src/infer.py on assets/starbux.jpg, top-20, for each released
 # checkpoint (run with autocast on a GPU)

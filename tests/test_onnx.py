@@ -12,11 +12,10 @@ import sys
 
 import pytest
 import torch
-
-from nxtp_minimal import inference
-import nxtp_minimal
 from conftest import FIXTURES, REPO, fixture_tensors, llama_tokenizer_path
-from nxtp_minimal import sampling
+
+import nxtp_minimal
+from nxtp_minimal import inference, sampling
 from nxtp_minimal.tools.errors import UserError
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install -e .[onnx])")

@@ -12,11 +12,10 @@ import time
 
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
-from nxtp_minimal import inference
-from nxtp_minimal import load_demo, load_image, preprocess
+from nxtp_minimal import inference, load_demo, load_image, preprocess
 from nxtp_minimal.tools import cli, predict
 from nxtp_minimal.training.scenes import scene
 from nxtp_minimal.weights import DEMO_DIR
@@ -218,13 +217,13 @@ def test_out_resumes_after_an_interruption(capsys, scenes200, tmp_path, monkeypa
     calls = []
     label_batch = predict.label_batch
 
-    def interrupted(model, pixels, k, attention=False):
+    def interrupted(model, pixels, k, attention=False, options=None):
         # every finished batch is on disk before the next one starts
         assert len(part.read_text().splitlines()) == 16 * len(calls)
         if len(calls) == 5:
             raise KeyboardInterrupt
         calls.append(len(pixels))
-        return label_batch(model, pixels, k, attention)
+        return label_batch(model, pixels, k, attention, options)
 
     monkeypatch.setattr(predict, "label_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -344,3 +343,18 @@ def test_attention_maps(capsys, demo, tmp_path):
         assert list(maps) == list(reference)
         for label in reference:
             torch.testing.assert_close(maps[label], reference[label], atol=1e-5, rtol=0)
+
+
+def test_out_that_is_a_folder_is_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, str(REPO / "lessons" / "images" / "scene_0.png"), "--out", str(tmp_path))
+    line = one_error_line(code, err)
+    assert "is a folder" in line and "results.jsonl" in line
+
+
+def test_attention_maps_that_is_a_file_is_one_line(capsys, tmp_path):
+    existing = tmp_path / "maps.png"
+    existing.write_bytes(b"")
+    code, _, err = run(capsys, str(REPO / "lessons" / "images" / "scene_0.png"), "--attention-maps", str(existing))
+    assert "is a file: give a folder" in one_error_line(code, err)
+    code, _, err = run(capsys, str(REPO / "lessons" / "images" / "scene_0.png"), "--attention-maps", str(existing / "below"))
+    assert "cannot make --attention-maps" in one_error_line(code, err)

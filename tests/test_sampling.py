@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-
-from nxtp_minimal import inference
-import nxtp_minimal
 from conftest import REPO
-from nxtp_minimal import sampling
+
+import nxtp_minimal
+from nxtp_minimal import inference, sampling
 
 V, DELIM = 12, 3
 

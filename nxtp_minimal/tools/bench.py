@@ -89,11 +89,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed_run(model, pixels, k, steps, fast, device, prompt_ids, decode="dynamic"):
+def timed_run(model, pixels, k, steps, fast, device, prompt_ids, decode="dynamic", autocast=None):
     """(prefix seconds incl. the image encoder, mean seconds per decode step, total seconds).
 
     fast=False: the official loop; else the cached sampler of `decode` (see inference.sample).
     """
+    with torch.autocast(torch.device(device).type, autocast, enabled=autocast is not None, cache_enabled=False):
+        return _timed_run(model, pixels, k, steps, fast, device, prompt_ids, decode)
+
+
+def _timed_run(model, pixels, k, steps, fast, device, prompt_ids, decode):
     sync(device)
     t0 = time.perf_counter()
     if not fast:
@@ -114,7 +119,8 @@ def export(preset, dtype, directory, prompt_ids):
     onnx_engine.export(build(preset, "cpu", dtype), directory, prompt_ids)
 
 
-def fast_rows(model, engine, images, ks, steps, batches, repeats, device, prompt_ids, decodes=("dynamic",)):
+def fast_rows(model, engine, images, ks, steps, batches, repeats, device, prompt_ids, decodes=("dynamic",),
+              autocast=None):
     """The cached loop of `model` (NXTP or onnx_engine.OnnxNXTP): one dict per (decode, batch, k).
 
     Warm-ups are not timed: one run first (kernels, allocator, caches), and for the static sampler one
@@ -122,14 +128,14 @@ def fast_rows(model, engine, images, ks, steps, batches, repeats, device, prompt
     """
     rows = []
     for decode in decodes:
-        timed_run(model, images[:1], min(ks), 1, True, device, prompt_ids, decode)
+        timed_run(model, images[:1], min(ks), 1, True, device, prompt_ids, decode, autocast)
         for batch in batches:
             pixels = images[:batch]
             for k in ks:
                 if decode == "static":
-                    timed_run(model, pixels, k, steps, True, device, prompt_ids, decode)
+                    timed_run(model, pixels, k, steps, True, device, prompt_ids, decode, autocast)
                 with PeakMemory(device) as memory:
-                    runs = sorted(timed_run(model, pixels, k, steps, True, device, prompt_ids, decode)
+                    runs = sorted(timed_run(model, pixels, k, steps, True, device, prompt_ids, decode, autocast)
                                   for _ in range(repeats))
                 prefix, step, total = runs[len(runs) // 2]
                 rows.append(dict(engine=engine, decode=decode, batch=batch, k=k, steps=steps, fast_prefix_s=prefix,
@@ -139,7 +145,7 @@ def fast_rows(model, engine, images, ks, steps, batches, repeats, device, prompt
 
 
 def run(preset, ks, steps, device="cpu", dtype=torch.float32, reference=True, repeats=1, batches=(1,),
-        engines=("torch",), onnx_dir=None, decodes=None):
+        engines=("torch",), onnx_dir=None, decodes=None, autocast=None):
     """One dict per (engine, batch, k). For `full` the reference loop runs one step and is extrapolated to `steps`.
 
     decodes: "dynamic" and/or "static" for the PyTorch engine (default: the device's, inference.default_decode).
@@ -158,13 +164,13 @@ def run(preset, ks, steps, device="cpu", dtype=torch.float32, reference=True, re
     rows = []
     if "torch" in engines:
         decodes = decodes or [inference.default_decode(device)]
-        rows = fast_rows(model, "torch", images, ks, steps, batches, repeats, device, prompt_ids, decodes)
+        rows = fast_rows(model, "torch", images, ks, steps, batches, repeats, device, prompt_ids, decodes, autocast)
     if reference and rows:
         extrapolate = preset == "full"  # one official step at k=20 pushes 20 x 265 tokens: ~80 s here
         for row in rows:
             pixels = images[: row["batch"]]
             prefix, step, total = timed_run(model, pixels, row["k"], 1 if extrapolate else steps, False, device,
-                                            prompt_ids)
+                                            prompt_ids, autocast=autocast)
             row.update(reference_prefix_s=prefix, reference_step_s=step,
                        reference_s=prefix + steps * step if extrapolate else total,
                        reference_extrapolated=extrapolate)
@@ -224,6 +230,7 @@ def main(argv=None) -> None:
     p.add_argument("--decode", nargs="+", choices=inference.DECODES,
                    help="PyTorch sampler: dynamic shapes (the CPU default) and/or static shapes, captured as a CUDA "
                         "graph on a GPU (the GPU default); one set of rows each")
+    p.add_argument("--autocast", choices=["bfloat16", "float16"], help="run under torch.autocast in this dtype")
     p.add_argument("--onnx", help="keep the ONNX export in this folder (default: a temporary one)")
     p.add_argument("--json", action="store_true", help="one JSON object per row instead of the table")
     args = p.parse_args(argv)
@@ -231,12 +238,13 @@ def main(argv=None) -> None:
         raise ValueError("--steps, --top-k, --batch and --repeats must be at least 1")
     rows = run(args.preset, args.top_k, args.steps, check_device(args.device), DTYPES[args.dtype],
                reference=not args.no_reference, repeats=args.repeats, batches=args.batch, engines=args.engine,
-               onnx_dir=args.onnx, decodes=args.decode)
+               onnx_dir=args.onnx, decodes=args.decode, autocast=args.autocast and DTYPES[args.autocast])
     if args.json:
         keys = ("preset", "engine", "decode", "batch", "k", "steps", "fast_s", "images_per_s", "reference_s", "ratio",
                 "fast_peak_mb")
         for r in rows:
-            print(json.dumps({key: r[key] for key in keys} | {"device": args.device, "dtype": args.dtype}))
+            print(json.dumps({key: r[key] for key in keys} | {"device": args.device, "dtype": args.dtype,
+                                                              "autocast": args.autocast}))
     else:
-        print(f"device {args.device}, {args.dtype}, peak memory = process RSS (CPU) or CUDA allocator peak")
+        print(f"device {args.device}, {args.dtype}{', autocast ' + args.autocast if args.autocast else ''}, peak memory = process RSS (CPU) or CUDA allocator peak")
         print(table(rows))

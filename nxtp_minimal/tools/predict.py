@@ -42,10 +42,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", metavar="DIR", help="folder written by python -m nxtp_minimal export onnx")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--autocast", choices=["bfloat16", "float16"],
+                   help="run the model under torch.autocast in this dtype, the official regime (its src/infer.py: "
+                        "--dtype float16 --autocast float16 on a GPU)")
     p.add_argument("--json", action="store_true", help="print one JSON array instead of the table")
-    # 16: the demo model on a 2-core CPU labels the most images per second at 8-16 (README, "Label a
-    # folder"), a killed run loses at most 16, and --attention-maps holds 16 images' maps; raise it on a GPU
-    p.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16; more on a GPU)")
+    # CPU 16: the demo model on a 2-core CPU labels the most images per second at 8-16 (docs/labelling.md),
+    # a killed run loses at most 16, and --attention-maps holds 16 images' maps; a GPU runs a batch of 64
+    # in about the time of one image (docs/performance.md)
+    p.add_argument("--batch-size", type=int, help="images per model call (default: 16 on a CPU, 64 on a GPU)")
+    p.add_argument("--decode", choices=inference.DECODES,
+                   help="static: fixed-shape steps, captured as one CUDA graph on a GPU (the GPU default); dynamic: "
+                        "only the branches still running (the CPU default, faster there)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="processes that decode and preprocess images while the model works "
                         "(default: min(4, CPU cores); 0: the main process does it)")
@@ -147,8 +154,8 @@ class Images(torch.utils.data.Dataset):
 
 
 def load_model(args, device: str, announce: bool = True):
-    """The model to label with. `predict` uses it only through .config, .tokenizer, .sample and .rank
-    (and .label_maps for --attention-maps) on preprocessed pixels, so another engine with those fits here."""
+    """The model to label with. `predict` uses it only through inference.py (.config, .tokenizer, .sampler)
+    on preprocessed pixels, so another engine with those fits here."""
     from .. import weights
 
     if args.engine == "torch":
@@ -169,11 +176,11 @@ def load_model(args, device: str, announce: bool = True):
     return model
 
 
-def label_batch(model, pixels, k: int, attention: bool = False, decode: str = None) -> list:
+def label_batch(model, pixels, k: int, attention: bool = False, options: dict = None) -> list:
     """One `inference.sample` call on pixels [B, 3, S, S]: per image (ranked [(label, prob)], maps), where maps
     (attention=True, else None) gives each ranked label its attention [blocks, heads, grid, grid] from
-    that same call (`inference.label_maps`)."""
-    out = inference.sample(model, pixels, k, attention=attention, decode=decode)
+    that same call (`inference.label_maps`). options: more arguments of `inference.sample` (decode, autocast)."""
+    out = inference.sample(model, pixels, k, attention=attention, **(options or {}))
     tokens, probs = out[0].cpu(), out[1].cpu()
     maps_of = out[3].float().cpu() if attention else None  # [B, k, T - 1, blocks, heads, grid, grid]
     results = []
@@ -197,7 +204,7 @@ def save_figure(path, crop, maps: dict, probs: dict) -> None:
 
 
 def label(model, paths: list, k: int, batch_size: int = 16, workers: int = 0, max_pixels=None, figures=None,
-          progress: bool = True):
+          progress: bool = True, options: dict = None):
     """Label `paths`, yielding each batch's rows in input order: {"image", "labels": [{"label", "prob"}]},
     or {"image", "error"} for a file that could not be read (also printed on stderr as it happens).
 
@@ -212,8 +219,8 @@ def label(model, paths: list, k: int, batch_size: int = 16, workers: int = 0, ma
     with tqdm(total=len(paths), unit="img", disable=shown, file=sys.stderr) as bar:
         for batch in loader:
             good = [item for item in batch if item[3] is None]
-            results = iter(label_batch(model, torch.stack([item[1] for item in good]), k, figures is not None)
-                           if good else [])
+            pixels = torch.stack([item[1] for item in good]) if good else None
+            results = iter(label_batch(model, pixels, k, figures is not None, options) if good else [])
             rows = []
             for path, _, crop, error in batch:
                 if error is not None:
@@ -316,7 +323,8 @@ def label_into(model, paths: list, args, figures, rank: int, world: int, device:
     todo = [path for path in share if path not in done]
     failed = 0
     with open(mine, "a") as f:
-        for rows in label(model, todo, args.top_k, args.batch_size, args.workers, args.max_pixels, figures, rank == 0):
+        for rows in label(model, todo, args.top_k, args.batch_size, args.workers, args.max_pixels, figures, rank == 0,
+                          sample_options(args)):
             f.writelines(json.dumps(row) + "\n" for row in rows)
             f.flush()  # a killed run loses at most the batch in flight
             failed += sum("error" in row for row in rows)
@@ -332,8 +340,24 @@ def label_into(model, paths: list, args, figures, rank: int, world: int, device:
     return failed
 
 
+def sample_options(args) -> dict:
+    return dict(decode=args.decode, autocast=None if args.autocast is None else DTYPES[args.autocast])
+
+
+def make_folder(path, what: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:  # a file where a folder of the path should be, or no permission
+        raise UserError(f"cannot make {what} {path}: {e.strerror}") from None
+
+
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = 64 if args.device.startswith("cuda") else 16
+    if args.engine == "onnx" and (args.decode == "static" or args.autocast):
+        raise UserError("--engine onnx runs the dynamic sampler in the export's dtype: drop --decode static and "
+                        "--autocast")
     for name, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
                                ("--max-pixels", args.max_pixels or 0, 0)):
         if value < least:
@@ -344,6 +368,12 @@ def main(argv=None) -> None:
         raise UserError("under torchrun, --out is required: each rank writes OUT.rankR and rank 0 merges them into OUT")
     if world_size() > 1 and args.files_from == "-":
         raise UserError("under torchrun, --files-from needs a file, not -: the ranks cannot share stdin")
+    if args.out and os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a folder: give the JSON-lines file to write, e.g. "
+                        f"{os.path.join(args.out, 'results.jsonl')}")
+    if args.attention_maps and os.path.exists(args.attention_maps) and not os.path.isdir(args.attention_maps):
+        raise UserError(f"--attention-maps {args.attention_maps} is a file: give a folder for the PNG files "
+                        "(it is made if it does not exist)")
     paths = image_paths(args.images, args.files_from)
     figures = None
     if args.attention_maps:
@@ -352,10 +382,10 @@ def main(argv=None) -> None:
         except ImportError:
             raise UserError("--attention-maps needs matplotlib: pip install matplotlib") from None
         matplotlib.use("Agg")  # files only, no window
-        os.makedirs(args.attention_maps, exist_ok=True)
+        make_folder(args.attention_maps, "--attention-maps")
         figures = figure_files(paths, args.attention_maps)
     if args.out and os.path.dirname(args.out):
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        make_folder(os.path.dirname(args.out), "the folder of --out")
     rank, world, device = distributed(check_device(args.device))
     try:
         model = load_model(args, device, announce=rank == 0)
@@ -363,7 +393,8 @@ def main(argv=None) -> None:
         if not 1 <= args.top_k <= vocab:
             raise UserError(f"--top-k must be between 1 and the vocabulary size {vocab}, got {args.top_k}")
         if args.out is None:
-            batches = label(model, paths, args.top_k, args.batch_size, args.workers, args.max_pixels, figures)
+            batches = label(model, paths, args.top_k, args.batch_size, args.workers, args.max_pixels, figures,
+                            options=sample_options(args))
             failed = show(batches, args.json, args.top_k)
         else:
             failed = label_into(model, paths, args, figures, rank, world, device)
