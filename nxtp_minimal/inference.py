@@ -2,11 +2,13 @@
 
 Images come in as file paths, PIL images or pixels; ranked text goes out. Every function takes the
 model first and uses only its `config`, `tokenizer` and samplers, so the ONNX runner
-(tools/onnx_engine.py) goes through the same code. The official recompute-everything loop is kept
+(tools/onnx_engine.py) goes through the same code; only `label_pass` (the gradient read-out of
+`attention_maps`) differentiates through the network itself. The official recompute-everything loop is kept
 here as the reference the cached samplers are tested against.
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -132,15 +134,25 @@ def label_maps(model, tokens, probs, attention) -> dict:
     return {label: m / m.sum(dim=(-2, -1), keepdim=True) for label, (_, m) in best.items()}
 
 
-@torch.inference_mode()
-def attention_maps(model, image, labels: list) -> dict:
-    """Where each label looks: label -> attention [blocks, heads, grid, grid], each map summing to 1.
+READOUTS = {  # what `attention_maps` can draw, in words for captions (lesson 13 compares them)
+    "last": "attention of each label's last token",
+    "gradient": "gradient-weighted attention (attention x gradient of the label's log-probability, Chefer et al.)",
+}
 
-    image: what `predict` takes, for one image; a label named twice is answered once. Each label is
-    fed after the prompt as a branch would write it; the map is the attention of its last token (the
-    position that predicts the delimiter, so it has read the whole label) to the image patches,
-    renormalised over the patches.
+
+def attention_maps(model, image, labels: list, readout: str = "last") -> dict:
+    """Where each label looks: label -> a map over the image patches [blocks, heads, grid, grid], each summing to 1.
+
+    image: what `predict` takes, for one image; a label named twice is answered once.
+    readout "last": each label is fed after the prompt as a branch would write it; the map is the attention of
+    its last token (the position that predicts the delimiter, so it has read the whole label) to the image
+    patches, renormalised over the patches. It shows where the image's objects are more than which one the
+    label names (lessons 09 and 13).
+    readout "gradient": gradient-weighted attention (`gradient_weighted`), one map per label, [1, 1, grid, grid]:
+    in lesson 13 its peak falls in the named object's box far more often than in another object's box.
     """
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
     tok = model.need_tokenizer()
     labels = list(dict.fromkeys(labels))
     if not labels or any(not label.strip() for label in labels):
@@ -148,16 +160,98 @@ def attention_maps(model, image, labels: list) -> dict:
     x = pixels(model, image)
     if x.shape[0] != 1:
         raise ValueError(f"attention_maps takes one image, got {x.shape[0]}")
-    ids = [tok.encode(label) for label in labels]
-    n = max(map(len, ids))
-    sampler = model.sampler(x, len(labels), steps=n, attention=True)
-    tokens = torch.tensor([i + [tok.delimiter_id] * (n - len(i)) for i in ids], device=model.device)
-    lengths = torch.tensor([len(i) for i in ids], device=model.device)
-    for t in range(1, n + 1):  # feed label token t - 1 of every label that has one
-        sampler.step(tokens[:, :t], t <= lengths)
-    last = sampler.engine.attention[0, torch.arange(len(labels)), lengths - 1]  # [labels, blocks, H, P]
-    maps = (last / last.sum(dim=-1, keepdim=True)).unflatten(-1, (model.config.vision.grid,) * 2)
+    grid = model.config.vision.grid
+    if readout == "gradient":
+        maps = gradient_weighted(label_pass(model, x, [labels]))  # [labels, P]
+        total = maps.sum(-1, keepdim=True)
+        maps = torch.where(total > 0, maps / total.clamp(min=1e-30), 1 / maps.shape[-1])  # nothing positive: uniform
+        return dict(zip(labels, maps[:, None, None].unflatten(-1, (grid, grid)).cpu()))
+    with torch.inference_mode():
+        ids = [tok.encode(label) for label in labels]
+        n = max(map(len, ids))
+        sampler = model.sampler(x, len(labels), steps=n, attention=True)
+        tokens = torch.tensor([i + [tok.delimiter_id] * (n - len(i)) for i in ids], device=model.device)
+        lengths = torch.tensor([len(i) for i in ids], device=model.device)
+        for t in range(1, n + 1):  # feed label token t - 1 of every label that has one
+            sampler.step(tokens[:, :t], t <= lengths)
+        last = sampler.engine.attention[0, torch.arange(len(labels)), lengths - 1]  # [labels, blocks, H, P]
+        maps = (last / last.sum(dim=-1, keepdim=True)).unflatten(-1, (grid,) * 2)
     return dict(zip(labels, maps.cpu()))
+
+
+@dataclass
+class LabelPass:
+    """One uncached pass of N label rows: image tokens, prompt, a label's tokens, the delimiter (then padding).
+
+    attention, gradient: per block [N, H, S, S] float32 on the CPU, the probabilities and the gradient of each
+    row's label log-probability with respect to them; image_of [N]: the image of each row; lengths [N]: the
+    label's token count; prefix: L, image tokens + prompt (the label's first token sits at position L);
+    logp [N]: each label's log-probability (its tokens and the delimiter).
+    """
+
+    attention: list
+    gradient: list
+    image_of: torch.Tensor
+    lengths: torch.Tensor
+    prefix: int
+    n_image: int
+    logp: torch.Tensor
+
+    def rows(self, which: str) -> torch.Tensor:
+        """[N] the position of each label's "first" token, "last" token or "delimiter"."""
+        offset = {"first": 0, "last": self.lengths - 1, "delimiter": self.lengths}[which]
+        return self.prefix + offset + torch.zeros_like(self.lengths)
+
+
+def label_pass(model, pixels, labels: list) -> LabelPass:
+    """The labels of every image (pixels [B, 3, S, S], labels: one list per image) in one uncached pass.
+
+    Row (image b, label j) holds image b's tokens, the prompt, label j's tokens and the delimiter, padded with
+    delimiters to the longest label (the prefix mask is causal over the text, so padding changes no earlier
+    row). Its label log-probability is the sum over the label's tokens and the delimiter, each predicted by the
+    row before it: the answer row predicts the first token, the label's last token the delimiter.
+    """
+    tok = model.need_tokenizer()
+    if len(labels) != pixels.shape[0] or any(len(ls) == 0 for ls in labels):
+        raise ValueError("label_pass needs one non-empty list of labels per image")
+    ids = [tok.encode(label) for ls in labels for label in ls]
+    image_of = torch.tensor([b for b, ls in enumerate(labels) for _ in ls])
+    lengths = torch.tensor([len(i) for i in ids])
+    n = int(lengths.max()) + 1  # the label and its delimiter
+    d, n_image = model.language_decoder, model.config.vision.n_patches
+    # the gradient needs autograd, also when the caller runs under inference_mode
+    with torch.inference_mode(False), torch.enable_grad():
+        text = torch.tensor([i + [tok.delimiter_id] * (n - len(i)) for i in ids], device=model.device)  # [N, n]
+        with torch.no_grad():
+            prefix = model.prefix(pixels.clone(), model.prompt_ids())[image_of.to(model.device)]  # [N, L, D]
+            x = torch.cat([prefix, d.tok_embeddings(text)], dim=1)  # [N, S, D]
+        L, S = prefix.shape[1], x.shape[1]
+        x.requires_grad_(True)  # so that the attention probabilities are in the graph; the weights stay as they are
+        h, probs = d.blocks(x, torch.arange(S, device=x.device), masks.prefix_mask(S, n_image, x.device),
+                            need_weights=True)
+        logp = d.output(h[:, L - 1 : S - 1]).log_softmax(-1).gather(-1, text[:, :, None])[..., 0]  # [N, n]
+        counted = torch.arange(n, device=x.device) <= lengths.to(x.device)[:, None]  # the label and one delimiter
+        gradient = torch.autograd.grad((logp * counted).sum(), probs)  # rows are independent: one backward
+    return LabelPass([p.detach().float().cpu() for p in probs], [g.float().cpu() for g in gradient], image_of,
+                     lengths, L, n_image, (logp * counted).sum(1).detach().float().cpu())
+
+
+def gradient_weighted(rec: LabelPass, rollout: bool = True) -> torch.Tensor:
+    """[N, P]: the relevance of each image patch for each row's label (Chefer et al., "Generic Attention-model
+    Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers", ICCV 2021).
+
+    Per block, A_bar = mean over heads of (gradient * attention) clipped at 0 ([N, S, S]); with rollout, R = I
+    and R = R + A_bar R block after block, else R = the sum of the blocks' A_bar. The map sums R over the rows
+    that predict the label's tokens and the delimiter (the answer row .. the last token), at the image columns.
+    """
+    N, _, S, _ = rec.attention[0].shape
+    R = torch.eye(S).expand(N, S, S).clone() if rollout else torch.zeros(N, S, S)
+    for a, g in zip(rec.attention, rec.gradient):
+        weighted = (a * g).clamp(min=0).mean(1)  # [N, S, S]
+        R = R + weighted @ R if rollout else R + weighted
+    position = torch.arange(S)
+    predicting = (position >= rec.prefix - 1) & (position[None] < (rec.prefix + rec.lengths)[:, None])  # [N, S]
+    return (R[..., : rec.n_image] * predicting[..., None]).sum(1)
 
 
 @torch.inference_mode()

@@ -100,14 +100,16 @@ def step_view(tokenizer, tokens, probs) -> str:
     return f"<table><tr><th>branch</th>{head}<th>label</th><th>p(label)</th></tr>{''.join(rows)}</table>"
 
 
-def analyse(model, image, k: int):
-    """Everything the page shows for one image, from one `sample` call: labels, step view, overlays, timing."""
+def analyse(model, image, k: int, readout: str = "last"):
+    """Everything the page shows for one image, from one `sample` call: labels, step view, overlays, timing.
+    readout="gradient": the overlays are `inference.attention_maps(..., readout="gradient")`, one more pass."""
     start = time.perf_counter()
     tokens, probs, _, attention = inference.sample(model, inference.pixels(model, image), k, attention=True)
     sampled = time.perf_counter() - start
     tokens, probs, attention = tokens[0].cpu(), probs[0].cpu(), attention[0].float().cpu()
     ranked = inference.rank(model, tokens, probs)
-    maps = inference.label_maps(model, tokens, probs, attention)
+    maps = inference.label_maps(model, tokens, probs, attention) if readout == "last" else \
+        inference.attention_maps(model, image, [label for label, _ in ranked], readout)
     crop = resize_and_crop(image, OVERLAY_SIZE)  # the square the model sees
     overlays = [
         ((heat_on_image(crop, maps[label].mean(dim=(0, 1))) * 255).round().astype(np.uint8), f"{label}  {p:.2f}")
@@ -132,11 +134,12 @@ def about(model, weights) -> str:
     )
 
 
-def build_app(model, weights=None, max_pixels=None, examples=EXAMPLES):
+def build_app(model, weights=None, max_pixels=None, examples=EXAMPLES, readout="last"):
     """The demo page for `model` as a `gradio.Blocks`.
 
     weights: the file the model came from, named on the page (None: the demo model). max_pixels: the
-    largest upload, as for `load_image`. examples: image files one click away.
+    largest upload, as for `load_image`. examples: image files one click away. readout: the overlays' map
+    (`inference.READOUTS`).
     """
     gr = _gradio()
     limit = min(MAX_TOP_K, model.config.language.vocab_size)
@@ -145,7 +148,7 @@ def build_app(model, weights=None, max_pixels=None, examples=EXAMPLES):
     def on_input(upload, top_k):
         if upload is None:  # the image was removed: clear the page
             return None, "", [], ""
-        return analyse(model, open_upload(upload, max_pixels), check_top_k(model, top_k))
+        return analyse(model, open_upload(upload, max_pixels), check_top_k(model, top_k), readout)
 
     @_shown_on_page
     def predict(upload, top_k):
@@ -179,9 +182,12 @@ def build_app(model, weights=None, max_pixels=None, examples=EXAMPLES):
         steps = gr.HTML(css_template=STEPS_CSS, elem_id="steps")
         gr.Markdown(
             "### Where each label looks\n"
-            "The attention of the label's last token (the one that predicts the delimiter, so it has read the "
-            "whole label) to the image patches, averaged over decoder blocks and heads; bright = more. "
-            "Click one to enlarge."
+            + ("The attention of the label's last token (the one that predicts the delimiter, so it has read the "
+               "whole label) to the image patches, averaged over decoder blocks and heads; bright = more. "
+               if readout == "last" else
+               "Gradient-weighted attention: each block's attention times the gradient of the label's "
+               "log-probability with respect to it, clipped at 0, rolled out over the blocks; bright = more. ")
+            + f"Read-out: `{readout}` ({inference.READOUTS[readout]}). Click one to enlarge."
         )
         overlays = gr.Gallery(label="attention per label", columns=5, height="auto", object_fit="contain",
                               elem_id="overlays")
@@ -201,6 +207,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-pixels", type=int, help=f"largest upload in pixels (default {MAX_PIXELS}; 0: no limit)")
+    p.add_argument("--readout", choices=list(inference.READOUTS), default="last",
+                   help="the overlays: last: the attention of each label's last token; gradient: gradient-weighted "
+                        "attention, the map that points at the named object (lesson 13)")
     return p
 
 
@@ -213,7 +222,7 @@ def main(argv=None) -> None:
     if args.max_pixels is not None and args.max_pixels < 0:
         raise UserError(f"--max-pixels must be 0 (no limit) or a number of pixels, got {args.max_pixels}")
     model = weights.load_for_command(args.weights, args.tokenizer, device, args.dtype, "serving")
-    app = build_app(model, args.weights, args.max_pixels)
+    app = build_app(model, args.weights, args.max_pixels, readout=args.readout)
     # system fonts: a theme with web fonts makes the browser fetch them; share=False even where GRADIO_SHARE
     # or a notebook would open a public tunnel
     system_fonts = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["monospace"])

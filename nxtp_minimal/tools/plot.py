@@ -39,10 +39,11 @@ def heat_on_image(image: Image.Image, heat) -> np.ndarray:
     return 0.45 * rgb + 0.55 * colours
 
 
-def attention_figure(image: Image.Image, maps: dict, probs: dict = None, size: int = 256):
+def attention_figure(image: Image.Image, maps: dict, probs: dict = None, size: int = 256, caption: str = None):
     """The image, then one overlay per label: its attention averaged over blocks and heads.
 
-    maps: label -> [blocks, heads, grid, grid] (`NXTP.attention_maps`); probs: label -> probability.
+    maps: label -> [blocks, heads, grid, grid] (`inference.attention_maps`); probs: label -> probability;
+    caption: a line under the figure (which read-out is drawn).
     """
     import matplotlib.pyplot as plt
 
@@ -60,4 +61,6 @@ def attention_figure(image: Image.Image, maps: dict, probs: dict = None, size: i
         title = label if probs is None else f"{label} ({probs[label]:.2f})"
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
+    if caption:
+        fig.text(0.5, 0, caption, ha="center", va="top", fontsize=9)
     return fig

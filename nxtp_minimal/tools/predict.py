@@ -60,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="append one JSON object per image to this file (JSON lines); a rerun resumes")
     p.add_argument("--attention-maps", metavar="DIR", help="write DIR/<image stem>.png (a stem seen before gets -2, "
                    "-3, ...): the image and where each label attends")
+    p.add_argument("--readout", choices=list(inference.READOUTS), default="last",
+                   help="the map --attention-maps draws: last: the attention of each label's last token, from the "
+                        "sampling call; gradient: gradient-weighted attention, one more pass per image, the map that "
+                        "points at the named object (lesson 13)")
     return p
 
 
@@ -176,39 +180,45 @@ def load_model(args, device: str, announce: bool = True):
     return model
 
 
-def label_batch(model, pixels, k: int, attention: bool = False, options: dict = None) -> list:
+def label_batch(model, pixels, k: int, attention=False, options: dict = None) -> list:
     """One `inference.sample` call on pixels [B, 3, S, S]: per image (ranked [(label, prob)], maps), where maps
-    (attention=True, else None) gives each ranked label its attention [blocks, heads, grid, grid] from
-    that same call (`inference.label_maps`). options: more arguments of `inference.sample` (decode, autocast)."""
-    out = inference.sample(model, pixels, k, attention=attention, **(options or {}))
+    (attention True or "last", else None) gives each ranked label its attention [blocks, heads, grid, grid] from
+    that same call (`inference.label_maps`); attention="gradient" gives its gradient-weighted map
+    (`inference.attention_maps`, one more pass). options: more arguments of `inference.sample` (decode, autocast)."""
+    gradient = attention == "gradient"
+    attention = bool(attention)
+    out = inference.sample(model, pixels, k, attention=attention and not gradient, **(options or {}))
     tokens, probs = out[0].cpu(), out[1].cpu()
-    maps_of = out[3].float().cpu() if attention else None  # [B, k, T - 1, blocks, heads, grid, grid]
+    maps_of = out[3].float().cpu() if attention and not gradient else None  # [B, k, T - 1, blocks, heads, grid, grid]
     results = []
     for b in range(tokens.shape[0]):
         ranked, maps = inference.rank(model, tokens[b], probs[b]), None
-        if attention:
+        if gradient:
+            maps = inference.attention_maps(model, pixels[b : b + 1], [label for label, _ in ranked], "gradient")
+        elif attention:
             every = inference.label_maps(model, tokens[b], probs[b], maps_of[b])
             maps = {label: every[label] for label, _ in ranked}
         results.append((ranked, maps))
     return results
 
 
-def save_figure(path, crop, maps: dict, probs: dict) -> None:
+def save_figure(path, crop, maps: dict, probs: dict, readout: str = "last") -> None:
     import matplotlib.pyplot as plt
 
     from .plot import attention_figure
 
-    fig = attention_figure(crop, maps, probs, FIGURE_SIZE)
+    fig = attention_figure(crop, maps, probs, FIGURE_SIZE, caption=inference.READOUTS[readout])
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
 def label(model, paths: list, k: int, batch_size: int = 16, workers: int = 0, max_pixels=None, figures=None,
-          progress: bool = True, options: dict = None):
+          progress: bool = True, options: dict = None, readout: str = "last"):
     """Label `paths`, yielding each batch's rows in input order: {"image", "labels": [{"label", "prob"}]},
     or {"image", "error"} for a file that could not be read (also printed on stderr as it happens).
 
-    figures: path -> PNG file for each image's attention figure, or None for no figures.
+    figures: path -> PNG file for each image's attention figure, or None for no figures; readout: which map it
+    draws (`inference.READOUTS`).
     """
     data = Images(paths, model.config.vision.image_size, max_pixels, figures is not None)
     # one batch gains nothing from workers, and starting them costs more than a small image
@@ -220,7 +230,8 @@ def label(model, paths: list, k: int, batch_size: int = 16, workers: int = 0, ma
         for batch in loader:
             good = [item for item in batch if item[3] is None]
             pixels = torch.stack([item[1] for item in good]) if good else None
-            results = iter(label_batch(model, pixels, k, figures is not None, options) if good else [])
+            drawn = readout if figures is not None else False
+            results = iter(label_batch(model, pixels, k, drawn, options) if good else [])
             rows = []
             for path, _, crop, error in batch:
                 if error is not None:
@@ -230,7 +241,7 @@ def label(model, paths: list, k: int, batch_size: int = 16, workers: int = 0, ma
                 ranked, maps = next(results)
                 rows.append({"image": path, "labels": [{"label": lab, "prob": p} for lab, p in ranked]})
                 if maps is not None:
-                    save_figure(figures[path], crop, maps, dict(ranked))
+                    save_figure(figures[path], crop, maps, dict(ranked), readout)
             bar.update(len(batch))
             yield rows
 
@@ -324,7 +335,7 @@ def label_into(model, paths: list, args, figures, rank: int, world: int, device:
     failed = 0
     with open(mine, "a") as f:
         for rows in label(model, todo, args.top_k, args.batch_size, args.workers, args.max_pixels, figures, rank == 0,
-                          sample_options(args)):
+                          sample_options(args), args.readout):
             f.writelines(json.dumps(row) + "\n" for row in rows)
             f.flush()  # a killed run loses at most the batch in flight
             failed += sum("error" in row for row in rows)
@@ -374,6 +385,8 @@ def main(argv=None) -> None:
     if args.attention_maps and os.path.exists(args.attention_maps) and not os.path.isdir(args.attention_maps):
         raise UserError(f"--attention-maps {args.attention_maps} is a file: give a folder for the PNG files "
                         "(it is made if it does not exist)")
+    if args.readout != "last" and not args.attention_maps:
+        raise UserError(f"--readout {args.readout} chooses the map --attention-maps draws: add --attention-maps DIR")
     paths = image_paths(args.images, args.files_from)
     figures = None
     if args.attention_maps:
@@ -394,7 +407,7 @@ def main(argv=None) -> None:
             raise UserError(f"--top-k must be between 1 and the vocabulary size {vocab}, got {args.top_k}")
         if args.out is None:
             batches = label(model, paths, args.top_k, args.batch_size, args.workers, args.max_pixels, figures,
-                            options=sample_options(args))
+                            options=sample_options(args), readout=args.readout)
             failed = show(batches, args.json, args.top_k)
         else:
             failed = label_into(model, paths, args, figures, rank, world, device)
