@@ -13,7 +13,7 @@ is a map [P] over the image patches per (scene, label):
 - `contrastive(maps, image_of)`: a label's map minus the mean of the other labels' maps of its image;
 - `gradient_weighted(record)` (`inference.gradient_weighted`): Chefer et al.'s generic attention
   explainability (ICCV 2021, "Generic Attention-model Explainability for Interpreting Bi-Modal and
-  Encoder-Decoder Transformers", ICCV 2021):
+  Encoder-Decoder Transformers"):
   per block, the attention times the gradient of the label's log-probability with respect to it, clipped
   at 0 per head and averaged over heads, rolled out over the blocks (R = I, R += Ā R), read at the rows
   that predict the label's tokens and the delimiter.
