@@ -11,7 +11,7 @@
 #
 # Once, here (the official sources, LLaMA's tokenizer and the wheels the machine lacks, into .gpu_check/,
 # which .gitignore keeps out of commits):
-#     NXTP_LLAMA_TOKENIZER=/work/shared/llama/tokenizer.model tests/gpu_check.sh prepare
+#     NXTP_LLAMA_TOKENIZER=PATH/tokenizer.model tests/gpu_check.sh prepare
 # Then, with the device tool:
 #     run(command="bash tests/gpu_check.sh", carry=[".gpu_check"], timeout_s=480)
 # and copy files_at/official.*.safetensors into tests/fixtures/gpu/ to commit them.
