@@ -75,3 +75,19 @@ def test_label_mask_with_mixed_templates_takes_the_last_rows_answer(llama_tokeni
     # the quirk matters for this batch: alone, the first row would get another mask
     alone = masks.label_mask(input_tokens[:1], n_image, ANSWER, DELIMITER)
     assert not torch.equal(got[:1], alone)
+
+
+def test_label_mask_equals_the_official_loop_on_random_batches():
+    # the segment-id construction against the official row-by-row loop, on batches with any number of
+    # labels, delimiters anywhere after the answer, padding and rows of every length
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        B, S, n_image = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(6, 24, (1,), generator=g)), 3
+        tokens = torch.randint(1, 6, (B, S), generator=g)
+        tokens[tokens == 5] = DELIMITER
+        tokens[:, :n_image] = -1
+        tokens[:, n_image : n_image + 2] = 7  # a prompt without the answer or a delimiter
+        tokens[-1, n_image + 2] = ANSWER
+        tokens[:-1, n_image + 2] = torch.where(torch.rand(B - 1, generator=g) < 0.5, ANSWER, 7)
+        expected = official_label_mask(tokens, n_image, ANSWER, DELIMITER) == 0
+        assert torch.equal(masks.label_mask(tokens, n_image, ANSWER, DELIMITER), expected)
